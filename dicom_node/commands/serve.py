@@ -1,0 +1,37 @@
+"""``dicom-node serve``: run the node until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from dicom_node.commands._common import add_config_argument, config_from
+
+NAME = "serve"
+HELP = "run the node: listen for DICOM, complete and route series, run jobs"
+
+
+def add_arguments(parser) -> None:
+    add_config_argument(parser)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes to start (default: workers.count from the config)")
+
+
+def run(args) -> int:
+    from dicom_node.node import Node
+
+    config = config_from(args)
+    logging.getLogger().setLevel(config.log_level if not args.verbose else logging.DEBUG)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING if not args.verbose > 1 else logging.DEBUG)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    node = Node(config, workers=args.workers).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"dicom-node: listening on {', '.join(f'{l.ae_title}@{l.host}:{l.port}' for l in config.listeners)}; "
+          f"data in {config.data_dir}; Ctrl-C to stop", flush=True)
+    stop.wait()
+    logging.getLogger(__name__).info("stopping")
+    node.stop()
+    return 0

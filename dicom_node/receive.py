@@ -1,0 +1,220 @@
+"""The Storage SCP: C-ECHO and C-STORE handlers and the association allow-list.
+
+The C-STORE handler is thin: it checks the few attributes the node needs, writes the encoded
+bytes durably, queues an index record and answers. No decoding of pixel data, no routing and
+no inference happen here.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydicom import Dataset
+from pydicom.uid import UID
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import Config, Listener
+from storage.filestore import DiskFull, FileStore
+from storage.index import InstanceRecord
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def status(code: int, comment: str | None = None) -> Dataset:
+    """A C-STORE status dataset, with an Error Comment for failures (at most 64 characters)."""
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """Turn Nagle off on a new connection: small DIMSE responses must not wait 40 ms."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+@dataclass
+class PeerPolicy:
+    """The calling-AE + address allow-list."""
+
+    config: Config
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        """True when some allowed_peers entry matches the calling AE title and address."""
+        if not self.config.network.require_known_peers:
+            return True
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        for peer in self.config.network.allowed_peers:
+            if fnmatch.fnmatchcase(ae_title.strip(), peer.ae_title) and any(
+                    ip in ipaddress.ip_network(h, strict=False) for h in peer.hosts):
+                return True
+        return False
+
+
+class StoreHandler:
+    """Handles C-STORE requests for one listener."""
+
+    def __init__(self, listener: Listener, store: FileStore, submit: Callable[[InstanceRecord], None],
+                 touch: Callable[[str, float], None]):
+        self.listener = listener
+        self.store = store
+        self.submit = submit
+        self.touch = touch
+
+    def __call__(self, event: evt.Event) -> Dataset:
+        try:
+            return self._handle(event)
+        except Exception as exc:  # never answer Success on an unexpected failure
+            log.exception("C-STORE failed unexpectedly")
+            return status(OUT_OF_RESOURCES if isinstance(exc, OSError) else CANNOT_UNDERSTAND,
+                          f"internal error: {type(exc).__name__}")
+
+    def _handle(self, event: evt.Event) -> Dataset:
+        try:
+            ds = event.dataset
+            values = {k: str(ds.get(k, "") or "").strip() for k in REQUIRED_UIDS}
+            modality = str(ds.get("Modality", "") or "") or None
+            pixel_problem = _pixel_data_problem(ds, event.context.transfer_syntax)
+        except Exception as exc:
+            log.warning("C-STORE: dataset cannot be decoded: %s", exc)
+            return status(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}")
+        missing = [k for k, v in values.items() if not v]
+        if missing:
+            log.warning("C-STORE: dataset lacks %s; refused", ", ".join(missing))
+            return status(CANNOT_UNDERSTAND, f"missing {', '.join(missing)}")
+        if values["SOPClassUID"] != event.context.abstract_syntax:
+            log.warning("C-STORE: dataset SOP class %s differs from the presentation context's %s",
+                        values["SOPClassUID"], event.context.abstract_syntax)
+            return status(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the context")
+        if values["SOPInstanceUID"] != str(event.request.AffectedSOPInstanceUID).strip():
+            return status(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from the request")
+        if pixel_problem:
+            log.warning("C-STORE %s: %s", values["SOPInstanceUID"], pixel_problem)
+            return status(CANNOT_UNDERSTAND, pixel_problem)
+        try:
+            stored = self.store.write(values["StudyInstanceUID"], values["SeriesInstanceUID"],
+                                      values["SOPInstanceUID"], event.encoded_dataset())
+        except ValueError as exc:  # a UID that cannot name a file
+            return status(CANNOT_UNDERSTAND, str(exc))
+        except DiskFull as exc:
+            log.error("C-STORE refused: %s; free space or lower storage.min_free_mb", exc)
+            return status(OUT_OF_RESOURCES, "disk space below the node's watermark")
+        except OSError as exc:
+            log.error("C-STORE could not be written: %s", exc)
+            return status(OUT_OF_RESOURCES, "disk full" if exc.errno == errno.ENOSPC else "write failed")
+        if not stored.duplicate:
+            requestor = event.assoc.requestor
+            self.submit(InstanceRecord(
+                study_uid=values["StudyInstanceUID"], series_uid=values["SeriesInstanceUID"],
+                sop_uid=values["SOPInstanceUID"], sop_class_uid=values["SOPClassUID"],
+                transfer_syntax_uid=str(event.context.transfer_syntax), relpath=stored.relpath,
+                size=stored.size, modality=modality, calling_ae=requestor.ae_title.strip(),
+                called_ae=self.listener.ae_title, peer_host=requestor.address))
+            self.touch(values["SeriesInstanceUID"], self.listener.stable_after)
+        log.debug("stored %s (%d bytes%s)", values["SOPInstanceUID"], stored.size,
+                  ", identical to the stored copy" if stored.duplicate else "")
+        return status(SUCCESS)
+
+
+def _pixel_data_problem(ds: Dataset, transfer_syntax: UID) -> str | None:
+    """Why native Pixel Data is shorter than its header says, or None (compressed data is not checked)."""
+    if "PixelData" not in ds or UID(transfer_syntax).is_compressed:
+        return None
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames * int(
+            ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return "Pixel Data without valid Rows/Columns/Bits Allocated"
+    have = len(ds.PixelData) * 8
+    if have < expected:
+        return f"Pixel Data truncated: {have // 8} of {(expected + 7) // 8} bytes"
+    return None
+
+
+def handle_echo(event: evt.Event) -> int:
+    """C-ECHO: always Success."""
+    return SUCCESS
+
+
+def make_requested_handler(policy: PeerPolicy) -> Callable[[evt.Event], None]:
+    """EVT_REQUESTED handler that rejects peers outside the allow-list before negotiation."""
+
+    def handle_requested(event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        ae_title, address = requestor.ae_title.strip(), requestor.address
+        if not policy.allows(ae_title, address):
+            log.warning("rejected association from AE %r at %s: not in network.allowed_peers "
+                        "(add it to config.yaml to accept it)", ae_title, address)
+            # permanent, service user, calling AE title not recognised
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    return handle_requested
+
+
+def log_association(event: evt.Event) -> None:
+    """Log accepted and released associations at INFO (AE titles and addresses only)."""
+    requestor = event.assoc.requestor
+    log.info("association %s: AE %r at %s", event.event.name.lower().replace("evt_", ""),
+             requestor.ae_title.strip(), requestor.address)
+
+
+def build_ae(config: Config) -> AE:
+    """An AE configured with the storage SOP classes and transfer syntaxes the node accepts."""
+    ae = AE()
+    net = config.network
+    ae.maximum_pdu_size = net.max_pdu
+    ae.maximum_associations = net.max_associations
+    ae.acse_timeout = net.acse_timeout
+    ae.dimse_timeout = net.dimse_timeout
+    ae.network_timeout = net.network_timeout
+    ae.require_called_aet = True
+    ae.add_supported_context(Verification)
+    if net.storage_sop_classes == "all":
+        classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+    else:
+        classes = list(net.storage_sop_classes)
+    for uid in classes:
+        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+def start_listener(ae: AE, listener: Listener, policy: PeerPolicy, store: FileStore,
+                   submit: Callable[[InstanceRecord], None], touch: Callable[[str, float], None]):
+    """Start one non-blocking association server for a listener; returns the server."""
+    handlers = [
+        (evt.EVT_CONN_OPEN, set_nodelay),
+        (evt.EVT_REQUESTED, make_requested_handler(policy)),
+        (evt.EVT_ACCEPTED, log_association),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, StoreHandler(listener, store, submit, touch)),
+    ]
+    server = ae.start_server((listener.host, listener.port), block=False, evt_handlers=handlers,
+                             ae_title=listener.ae_title)
+    log.info("listening as %s on %s:%d", listener.ae_title, listener.host, listener.port)
+    return server

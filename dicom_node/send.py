@@ -1,0 +1,150 @@
+"""The Storage SCU: send stored files to a destination over one association.
+
+Files go out as stored (raw bytes, no decoding) when the peer accepts their transfer syntax;
+otherwise they are decompressed and sent as Explicit VR Little Endian.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import Destination
+from dicom_node.errors import DeliveryError
+from dicom_node.receive import set_nodelay
+
+log = logging.getLogger(__name__)
+
+# Send files as their encoded bytes without decoding them (a supported pynetdicom setting).
+_config.STORE_SEND_CHUNKED_DATASET = True
+MAX_CONTEXTS = 128
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One file to send."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """The peer's answer for one instance: status, or an error when there was no answer."""
+
+    status: int | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Success or warning statuses (0x0000, 0x0001, 0xBxxx) count as stored."""
+        return self.status is not None and (self.status in (0x0000, 0x0001) or self.status >> 12 == 0xB)
+
+
+def _contexts(items: list[Outgoing]) -> list:
+    """One presentation context per (SOP class, stored TS) plus an uncompressed fallback per class."""
+    wanted: dict[str, list[str]] = {}
+    for it in items:
+        ts = wanted.setdefault(it.sop_class_uid, [])
+        if it.transfer_syntax_uid not in ts:
+            ts.append(it.transfer_syntax_uid)
+    contexts = []
+    for sop_class, syntaxes in wanted.items():
+        stored = [s for s in syntaxes if s not in UNCOMPRESSED]
+        for s in stored:
+            contexts.append(build_context(sop_class, [s]))
+        contexts.append(build_context(sop_class, UNCOMPRESSED))
+    if len(contexts) > MAX_CONTEXTS:
+        raise DeliveryError(f"{len(contexts)} presentation contexts needed; DICOM allows {MAX_CONTEXTS} "
+                            "per association")
+    return contexts
+
+
+def _accepted(assoc) -> dict[tuple[str, str], bool]:
+    return {(cx.abstract_syntax, cx.transfer_syntax[0]): True for cx in assoc.accepted_contexts}
+
+
+def send_files(dest: Destination, items: Iterable[Outgoing], *, calling_ae: str) -> dict[str, SendOutcome]:
+    """C-STORE each file to ``dest`` over one association; returns an outcome per SOP Instance UID.
+
+    Raises ``DeliveryError`` when no association can be established.
+    """
+    items = list(items)
+    outcomes: dict[str, SendOutcome] = {}
+    if not items:
+        return outcomes
+    ae = AE(ae_title=calling_ae)
+    ae.maximum_pdu_size = dest.max_pdu
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout
+    ae.requested_contexts = _contexts(items)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    if not assoc.is_established:
+        why = "rejected the association" if assoc.is_rejected else "did not answer (connection refused or timed out)"
+        raise DeliveryError(f"{dest.ae_title}@{dest.host}:{dest.port} {why}")
+    try:
+        accepted = _accepted(assoc)
+        for it in items:
+            if not assoc.is_established:
+                outcomes[it.sop_instance_uid] = SendOutcome(None, "association lost")
+                continue
+            outcomes[it.sop_instance_uid] = _send_one(assoc, accepted, it)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes
+
+
+def _send_one(assoc, accepted: dict, it: Outgoing) -> SendOutcome:
+    try:
+        if (it.sop_class_uid, it.transfer_syntax_uid) in accepted:
+            rsp = assoc.send_c_store(it.path)
+        else:
+            fallback = next((ts for ts in UNCOMPRESSED if (it.sop_class_uid, ts) in accepted), None)
+            if fallback is None:
+                return SendOutcome(None, f"peer accepts no transfer syntax for SOP class {it.sop_class_uid}")
+            ds = dcmread(it.path)
+            if UID(it.transfer_syntax_uid).is_compressed:
+                ds.decompress()  # peer refused the stored syntax: decode once, send uncompressed
+            if fallback != ds.file_meta.TransferSyntaxUID:
+                ds.file_meta.TransferSyntaxUID = fallback
+            ds.is_implicit_VR = fallback == ImplicitVRLittleEndian
+            ds.is_little_endian = True
+            rsp = assoc.send_c_store(ds)
+    except (OSError, ValueError, AttributeError, RuntimeError) as exc:
+        return SendOutcome(None, f"{type(exc).__name__}: {exc}")
+    if "Status" not in rsp:
+        return SendOutcome(None, "no response from the peer (timeout or abort)")
+    code = int(rsp.Status)
+    comment = str(rsp.get("ErrorComment", "") or "")
+    return SendOutcome(code, None if code == 0 else f"status 0x{code:04X} {comment}".strip())
+
+
+def echo(dest: Destination, *, calling_ae: str) -> int:
+    """C-ECHO a destination; returns the status, raises DeliveryError if it cannot be reached."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    if not assoc.is_established:
+        why = "rejected the association" if assoc.is_rejected else "did not answer"
+        raise DeliveryError(f"{dest.ae_title}@{dest.host}:{dest.port} {why}")
+    try:
+        rsp = assoc.send_c_echo()
+        if "Status" not in rsp:
+            raise DeliveryError(f"{dest.ae_title} sent no C-ECHO response")
+        return int(rsp.Status)
+    finally:
+        if assoc.is_established:
+            assoc.release()

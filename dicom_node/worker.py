@@ -1,0 +1,111 @@
+"""Worker processes: claim jobs from the database and run their actions.
+
+Workers are separate processes (spawned, never forked from the SCP) and keep long-lived state,
+such as loaded models, in ``WorkerContext.cache`` between jobs. SIGTERM lets the current job finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+import traceback
+
+from dicom_node import jobs
+from dicom_node.actions import ACTIONS, PermanentError, RetryableError, WorkerContext
+from dicom_node.config import Config
+from storage.db import make_engine, session_factory
+from storage.filestore import FileStore
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Runs jobs one at a time until stopped."""
+
+    def __init__(self, config: Config, *, kinds: list[str] | None = None):
+        self.config = config
+        self.kinds = kinds
+        engine = make_engine(config.database_url)
+        self.factory = session_factory(engine)
+        self.ctx = WorkerContext(config, self.factory,
+                                 FileStore(config.data_dir / "files", min_free_mb=0), cache={})
+        self.id = jobs.worker_id()
+        self.stop_event = threading.Event()
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when there was none."""
+        wc = self.config.workers
+        job = jobs.claim(self.factory, self.id, wc.lease, self.kinds)
+        if job is None:
+            return False
+        beat_stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, beat_stop), daemon=True)
+        beat.start()
+        started = time.monotonic()
+        try:
+            fn = ACTIONS.get(job.kind)
+            if fn is None:
+                raise PermanentError(f"unknown job kind {job.kind!r}")
+            result = fn(job, self.ctx)
+        except PermanentError as exc:
+            jobs.fail(self.factory, job.id, str(exc), base=wc.backoff_base, cap=wc.backoff_max, retry=False)
+        except RetryableError as exc:
+            state = jobs.fail(self.factory, job.id, str(exc), base=wc.backoff_base, cap=wc.backoff_max)
+            log.warning("job %d (%s) attempt %d failed: %s -> %s", job.id, job.kind, job.attempts, exc, state)
+        except Exception as exc:  # a bug or an unexpected input: record it with its traceback, retry
+            log.exception("job %d (%s) crashed", job.id, job.kind)
+            jobs.fail(self.factory, job.id, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}",
+                      base=wc.backoff_base, cap=wc.backoff_max)
+        else:
+            jobs.finish(self.factory, job.id, result)
+            log.info("job %d (%s) done in %.1f s", job.id, job.kind, time.monotonic() - started)
+        finally:
+            beat_stop.set()
+            beat.join()
+        return True
+
+    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
+        interval = max(0.5, self.config.workers.lease / 4)
+        while not stop.wait(interval):
+            try:
+                jobs.heartbeat(self.factory, job_id, self.id)
+            except Exception:
+                log.exception("heartbeat for job %d failed", job_id)
+
+    def run(self) -> None:
+        """Loop until ``stop_event`` is set."""
+        log.info("worker %s started", self.id)
+        while not self.stop_event.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # database unreachable: wait and try again
+                log.exception("worker loop error")
+                busy = False
+            if not busy:
+                self.stop_event.wait(self.config.workers.poll_interval)
+        log.info("worker %s stopped", self.id)
+
+
+def worker_main(config: Config, log_level: int = logging.INFO) -> None:
+    """Entry point of a spawned worker process."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    # pynetdicom logs every DIMSE message at INFO; keep the worker's log about jobs
+    logging.getLogger("pynetdicom").setLevel(max(log_level, logging.WARNING))
+    worker = Worker(config)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
+    signal.signal(signal.SIGINT, lambda *_: worker.stop_event.set())
+    worker.run()
+
+
+def spawn_workers(config: Config, count: int, log_level: int = logging.INFO) -> list[multiprocessing.Process]:
+    """Start ``count`` worker processes with the spawn method."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    for i in range(count):
+        p = ctx.Process(target=worker_main, args=(config, log_level), name=f"worker-{i + 1}", daemon=False)
+        p.start()
+        procs.append(p)
+    return procs
