@@ -1,0 +1,1 @@
+"""The organ-level vision-language model: spec, architecture, pooling heads, text tower, checkpoints."""

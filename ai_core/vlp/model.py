@@ -1,0 +1,226 @@
+"""The organ-level VLP model (fVLM design), built with every size taken from a ``ModelSpec``.
+
+Parameter names follow the fVLM reference checkpoint (BlipPretrain): ``temp``, ``query_tokens``,
+``visual_encoder.*`` (MONAI ViT), ``text_encoder.*`` (BERT), ``text_proj``, ``attention``,
+``vision_projs.N``; so a reference checkpoint loads by name (``ai_core.vlp.checkpoint``).
+
+Inference arithmetic, as in the reference evaluation: ViT over the window (position embedding
+interpolated trilinearly for grids other than the trained one); per organ, the tokens where
+``max_pool3d(mask, patch) > 0`` from blocks ``taps`` and the final normed output are the keys and
+values of one shared ``nn.MultiheadAttention`` queried by the organ's row of ``query_tokens``;
+then the organ's ``vision_projs`` and L2 normalisation. Text: CLS state -> ``text_proj`` -> L2.
+Similarity = (image . text) / temp with ``temp`` used as stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import ViT
+from torch import nn
+
+from ai_core.vlp.pooling import (
+    SlicePooling,
+    mask_average_pool,
+    organ_token_mask,
+    organ_token_weights,
+    query_pool,
+)
+from ai_core.vlp.spec import ModelSpec
+from ai_core.vlp.text import build_text_encoder, load_tokenizer, pool_text
+
+
+class VisionTransformer(ViT):
+    """MONAI's ViT returning the tapped block outputs and the normed output, any input grid."""
+
+    def __init__(
+        self,
+        img_size: Sequence[int],
+        patch_size: Sequence[int],
+        hidden: int,
+        depth: int,
+        heads: int,
+        mlp_dim: int,
+        taps: Sequence[int],
+        qkv_bias: bool = True,
+        dropout: float = 0.0,
+        in_channels: int = 1,
+    ) -> None:
+        super().__init__(
+            in_channels=in_channels,
+            img_size=tuple(img_size),
+            patch_size=tuple(patch_size),
+            hidden_size=hidden,
+            mlp_dim=mlp_dim,
+            num_layers=depth,
+            num_heads=heads,
+            proj_type="conv",
+            pos_embed_type="learnable",
+            classification=False,
+            dropout_rate=dropout,
+            spatial_dims=len(img_size),
+            qkv_bias=qkv_bias,
+        )
+        # Unused without cross-attention, and absent from the fVLM layout: drop it so the
+        # state_dict is exactly the reference one.
+        for block in self.blocks:
+            del block.norm_cross_attn
+        self.trained_grid = tuple(i // p for i, p in zip(img_size, patch_size))
+        self.patch = tuple(patch_size)
+        self.taps = tuple(taps)
+
+    def position_embeddings(self, grid: Sequence[int]) -> torch.Tensor:
+        """Position embedding (1, L, C) for a token grid; interpolated when not the trained grid."""
+        pe = self.patch_embedding.position_embeddings
+        if tuple(grid) == self.trained_grid:
+            return pe
+        mode = "trilinear" if len(grid) == 3 else "bilinear"
+        pe = pe.permute(0, 2, 1).reshape(1, pe.shape[-1], *self.trained_grid)
+        pe = F.interpolate(pe, size=tuple(grid), mode=mode, align_corners=False)
+        return pe.flatten(2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:  # type: ignore[override]
+        """Tokens (B, L, C) after the final norm, and the levels [tap outputs..., normed output]."""
+        if any(s % p for s, p in zip(x.shape[2:], self.patch)):
+            raise ValueError(f"input size {tuple(x.shape[2:])} is not a multiple of the patch size {self.patch}")
+        x = self.patch_embedding.patch_embeddings(x)
+        grid = x.shape[2:]
+        x = x.flatten(2).transpose(-1, -2)
+        x = self.patch_embedding.dropout(x + self.position_embeddings(grid))
+        levels = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.taps:
+                levels.append(x)
+        x = self.norm(x)
+        levels.append(x)
+        return x, levels
+
+
+class OrganVLP(nn.Module):
+    """fVLM-style organ-level image-text model; see the module docstring."""
+
+    def __init__(self, spec: ModelSpec, load_text_weights: bool = True) -> None:
+        super().__init__()
+        self.spec = spec
+        v, p = spec.vision, spec.pooling
+        n_organs = len(spec.organs)
+        self.temp = nn.Parameter(torch.tensor(float(spec.temperature_init)))
+        if p.kind == "fvlm_query":
+            self.query_tokens = nn.Parameter(torch.zeros(n_organs, v.hidden))
+            nn.init.trunc_normal_(self.query_tokens, std=0.02)
+        if p.kind == "radclip_slice":
+            # One 2D encoder applied to every slice (H, W) of the window.
+            self.visual_encoder = VisionTransformer(
+                v.window[1:], p.slice_patch, v.hidden, v.depth, v.heads, v.mlp_dim, (), v.qkv_bias, v.dropout,
+                v.in_channels,
+            )
+        else:
+            self.visual_encoder = VisionTransformer(
+                v.window, v.patch, v.hidden, v.depth, v.heads, v.mlp_dim, v.taps, v.qkv_bias, v.dropout,
+                v.in_channels,
+            )
+        self.text_encoder = build_text_encoder(spec.text, load_weights=load_text_weights)
+        if spec.text.freeze:
+            self.text_encoder.requires_grad_(False)
+        self.text_proj = nn.Linear(spec.text.hidden, spec.embed_dim)
+        if p.kind == "fvlm_query":
+            self.attention = nn.MultiheadAttention(v.hidden, p.heads, dropout=p.dropout, batch_first=True)
+        if p.kind == "radclip_slice":
+            self.slice_pooling = SlicePooling(v.hidden, p.heads, p.max_slices, p.dropout)
+        self.vision_projs = nn.ModuleList(nn.Linear(v.hidden, spec.embed_dim) for _ in range(n_organs))
+        self._tokenizer = None
+
+    # -- image side ----------------------------------------------------------------------------
+
+    def image_levels(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder outputs used as pooling keys: 3D heads (B, L, C) per level; RadCLIP [(B, D, C)]."""
+        if self.spec.pooling.kind == "radclip_slice":
+            b, c, d, h, w = image.shape
+            tokens, _ = self.visual_encoder(image.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w))
+            return [tokens.mean(1).reshape(b, d, -1)]
+        _, levels = self.visual_encoder(image)
+        return levels
+
+    def pool_organ(self, levels: list[torch.Tensor], b: int, organ: int, mask: torch.Tensor) -> torch.Tensor:
+        """Pooled (C,) feature of one organ (query index) of batch item ``b`` from its mask (D, H, W)."""
+        kind = self.spec.pooling.kind
+        if kind == "fvlm_query":
+            tokens = organ_token_mask(mask, self.spec.vision.patch)
+            return query_pool(self.query_tokens[organ], self.attention, [lv[b] for lv in levels], tokens)
+        if kind == "ctglip_mask_avg":
+            weights = organ_token_weights(mask, self.spec.vision.patch)
+            return mask_average_pool([lv[b] for lv in levels], weights)
+        present = mask.flatten(1).any(1)
+        return self.slice_pooling(levels[0][b], present)
+
+    def project_image(self, pooled: torch.Tensor, organ: int) -> torch.Tensor:
+        """Organ projection and L2 normalisation of a pooled feature."""
+        return F.normalize(self.vision_projs[organ](pooled), dim=-1)
+
+    def encode_organs(
+        self, image: torch.Tensor, label_map: torch.Tensor, organs: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, K, E) of organs (query indices; default all) and a validity flag (B, K).
+
+        ``image`` is (B, C, D, H, W), ``label_map`` (B, D, H, W) with organ ``i`` labelled ``i + 1``.
+        An organ absent from a window gets a zero row and ``valid = False``.
+        """
+        organs = list(range(len(self.spec.organs))) if organs is None else list(organs)
+        levels = self.image_levels(image)
+        out = image.new_zeros(image.shape[0], len(organs), self.spec.embed_dim)
+        valid = torch.zeros(image.shape[0], len(organs), dtype=torch.bool, device=image.device)
+        for b in range(image.shape[0]):
+            for k, organ in enumerate(organs):
+                mask = label_map[b] == organ + 1
+                if not bool(mask.any()):
+                    continue
+                out[b, k] = self.project_image(self.pool_organ(levels, b, organ, mask), organ)
+                valid[b, k] = True
+        return out, valid
+
+    # -- text side -----------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of the text tower (loaded lazily from local files)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.spec.text)
+        return self._tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask as the spec pads and truncates them."""
+        t = self.spec.text
+        enc = self.tokenizer(
+            list(texts), padding=t.padding, truncation=True, max_length=t.max_length, return_tensors="pt"
+        )
+        device = self.text_proj.weight.device
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+    def text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled text-encoder state (N, hidden), before the projection."""
+        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return pool_text(out.last_hidden_state, attention_mask, self.spec.text.pooling)
+
+    def project_text(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Text projection and L2 normalisation."""
+        return F.normalize(self.text_proj(hidden), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised text embeddings (N, E) from token ids."""
+        return self.project_text(self.text_hidden(input_ids, attention_mask))
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalised text embeddings (N, E) of sentences."""
+        return self.encode_text(**self.tokenize(texts))
+
+    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(image . text) / temp, with ``temp`` used as stored (reference inference)."""
+        return image_embeds @ text_embeds.t() / self.temp
+
+
+def build_model(spec: ModelSpec, load_text_weights: bool = True) -> OrganVLP:
+    """The model a spec describes, randomly initialised except for a pre-trained text tower."""
+    return OrganVLP(spec, load_text_weights=load_text_weights)

