@@ -205,6 +205,25 @@ def segmenter_label_groups(class_set: str, class_map: dict[int, str] | None = No
     return groups
 
 
+def organ_for_label_name(name: str) -> str | None:
+    """The catalogue organ a segmenter class name belongs to (catalogue key, v1 or v2 name), if any."""
+    for key, o in ORGANS.items():
+        if name == key or name in o.totalsegmentator_v2 or name in o.wholebody_ct:
+            return key
+    return None
+
+
+def label_groups_from_names(class_map: dict[int, str]) -> dict[str, tuple[int, ...]]:
+    """Catalogue key -> label numbers, for a class map whose names are catalogue keys or
+    TotalSegmentator v1/v2 names (as in a MONAI bundle's ``channel_def``); others are ignored."""
+    groups: dict[str, list[int]] = {}
+    for value, name in sorted(class_map.items()):
+        key = organ_for_label_name(str(name).strip())
+        if key is not None and int(value) != 0:
+            groups.setdefault(key, []).append(int(value))
+    return {k: tuple(groups[k]) for k in ORGANS if k in groups}
+
+
 def organ(key: str) -> Organ:
     """The catalogue entry of an organ key; the error lists the known keys."""
     try:

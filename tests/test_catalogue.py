@@ -102,3 +102,14 @@ def test_unknown_keys_name_the_known_ones():
         catalogue.finding("cist")
     with pytest.raises(ValueError, match="totalsegmentator_v2"):
         segmenter_label_groups("nnunet")
+
+
+def test_label_groups_from_names_accepts_keys_and_both_totalsegmentator_versions():
+    cmap = {0: "background", 1: "liver", 2: "heart_myocardium", 3: "heart_atrium_left", 4: "kidney_cyst_left",
+            5: "kidney_left", 6: "lung_left", 7: "vertebrae_L1", 8: "heart"}
+    groups = catalogue.label_groups_from_names(cmap)
+    assert groups == {"liver": (1,), "kidney_left": (4, 5), "lung_left": (6,), "heart": (2, 3, 8)}
+    assert catalogue.organ_for_label_name("vertebrae_L1") is None
+    # The published maps give the same groups through either function.
+    for name, cmap in catalogue.SEGMENTER_CLASS_MAPS.items():
+        assert catalogue.label_groups_from_names(cmap) == segmenter_label_groups(name)

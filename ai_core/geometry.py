@@ -1,0 +1,86 @@
+"""Geometry helpers shared by segmentation and cropping: resampling grids and RAS affines.
+
+SimpleITK images are in LPS with arrays indexed (z, y, x); MONAI MetaTensors are channel-first
+(C, x, y, z) with a RAS affine. These helpers convert between the two without losing geometry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def lps_affine(image: sitk.Image) -> np.ndarray:
+    """The 4x4 index (x, y, z) -> LPS mm affine of a SimpleITK image."""
+    d = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    a = np.eye(4)
+    a[:3, :3] = d * np.asarray(image.GetSpacing(), dtype=np.float64)
+    a[:3, 3] = image.GetOrigin()
+    return a
+
+
+def ras_affine(image: sitk.Image) -> np.ndarray:
+    """The 4x4 index (x, y, z) -> RAS mm affine (MONAI/NIfTI convention) of a SimpleITK image."""
+    return _LPS_TO_RAS @ lps_affine(image)
+
+
+def set_geometry_from_ras(image: sitk.Image, affine_ras: np.ndarray) -> sitk.Image:
+    """Give ``image`` (array order z, y, x) the grid of a RAS affine over index (x, y, z)."""
+    a = _LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(v) for v in (a[:3, :3] / spacing).ravel()))
+    image.SetOrigin(tuple(float(v) for v in a[:3, 3]))
+    return image
+
+
+def image_from_xyz(array_xyz: np.ndarray, affine_ras: np.ndarray) -> sitk.Image:
+    """A SimpleITK image from an (x, y, z) array (MONAI order) and its RAS affine."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array_xyz).transpose(2, 1, 0)))
+    return set_geometry_from_ras(image, affine_ras)
+
+
+def resampled_grid(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
+    """An empty reference image on the same extent and direction as ``image`` at a new spacing.
+
+    The new grid covers the old one's extent (voxel edges to voxel edges) and is centred on it.
+    """
+    old_sp = np.asarray(image.GetSpacing(), dtype=np.float64)
+    new_sp = np.asarray(spacing, dtype=np.float64)
+    old_size = np.asarray(image.GetSize())
+    extent = old_size * old_sp
+    new_size = [max(1, math.ceil(e / s - 1e-6)) for e, s in zip(extent, new_sp)]
+    d = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    # Centre of the old grid in index units of the new one: shift so both grids share the centre.
+    old_first_edge = np.asarray(image.GetOrigin()) - d @ (old_sp / 2)
+    slack = (np.asarray(new_size) * new_sp - extent) / 2
+    origin = old_first_edge + d @ (new_sp / 2 - slack)
+    ref = sitk.Image([int(n) for n in new_size], sitk.sitkUInt8)
+    ref.SetSpacing(tuple(float(s) for s in new_sp))
+    ref.SetDirection(image.GetDirection())
+    ref.SetOrigin(tuple(float(v) for v in origin))
+    return ref
+
+
+def resample(
+    image: sitk.Image,
+    reference: sitk.Image,
+    *,
+    interpolator: int = sitk.sitkLinear,
+    pixel_type: int | None = None,
+    default: float = 0.0,
+) -> sitk.Image:
+    """Resample onto the grid of ``reference`` (identity transform), e.g. to float32 HU, no float64 copy."""
+    return sitk.Resample(
+        image,
+        reference,
+        sitk.Transform(),
+        interpolator,
+        float(default),
+        image.GetPixelID() if pixel_type is None else pixel_type,
+    )

@@ -1,0 +1,144 @@
+"""Segmentation backends: the MONAI bundle path (shapes, flow, geometry) and TotalSegmentator mapping."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ai_core.catalogue import TOTALSEGMENTATOR_V2_CLASSES
+from ai_core.phantom.series import write_series
+from ai_core.segmentation import (
+    CATALOGUE_LABELS,
+    SegmentationError,
+    WeightsMissing,
+    make_segmenter,
+    map_classes,
+)
+from ai_core.segmentation.bundle import write_bundle
+from ai_core.segmentation.totalsegmentator import map_totalsegmentator_labels, missing_weights
+from ai_core.volume import read_volume
+
+THRESHOLD_NET = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
+
+
+def phantom_volume(tmp_path, orient="LPS"):
+    """A 48x40x36 volume: air, and a dense off-centre block (HU 400) that a threshold finds."""
+    arr = np.full((36, 40, 48), -1000, dtype=np.int16)
+    arr[8:24, 10:30, 6:22] = 400
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((1.5, 1.2, 2.0))
+    img.SetOrigin((-30.0, 10.0, -40.0))
+    write_series(sitk.DICOMOrient(img, orient), tmp_path / orient)
+    return read_volume(tmp_path / orient), img
+
+
+def threshold_bundle(path, name="liver"):
+    """A 1x1x1 convolution whose class 1 is 'scaled intensity above 0.6' (HU > 200)."""
+    state = {"weight": torch.tensor([0.0, 1.0]).reshape(2, 1, 1, 1, 1), "bias": torch.tensor([0.0, -0.6])}
+    return write_bundle(path, network_def=THRESHOLD_NET, state_dict=state, channel_def={0: "background", 1: name},
+                        spacing=(3.0, 3.0, 3.0), name="threshold test", version="1.2.3")
+
+
+@pytest.mark.parametrize("orient", ["LPS", "PIR", "RAI"])
+def test_bundle_labels_land_where_the_organ_is(tmp_path, orient):
+    vol, reference = phantom_volume(tmp_path, orient)
+    seg = make_segmenter("monai_bundle", bundle_dir=threshold_bundle(tmp_path / "bundle"))
+    result = seg.segment(vol)
+    assert result.organ_labels == {"liver": CATALOGUE_LABELS["liver"]}
+    assert result.model.name == "threshold test" and result.model.version == "1.2.3" and not result.model.demo
+    assert result.labels.GetSize() == vol.image.GetSize()
+    np.testing.assert_allclose(result.labels.GetDirection(), vol.image.GetDirection())
+    np.testing.assert_allclose(result.labels.GetOrigin(), vol.image.GetOrigin())
+    # Back in the reference (LPS) orientation, the labels cover the dense block: Dice of a 3 mm
+    # grid against the truth, and the centroid within a voxel of the coarse grid.
+    got = sitk.GetArrayViewFromImage(sitk.DICOMOrient(result.labels, "LPS")) == CATALOGUE_LABELS["liver"]
+    truth = sitk.GetArrayViewFromImage(reference) > 200
+    dice = 2 * (got & truth).sum() / (got.sum() + truth.sum())
+    assert dice > 0.85, dice
+    assert np.abs(np.argwhere(got).mean(0) - np.argwhere(truth).mean(0)).max() < 1.5
+
+
+def test_small_random_unet_bundle_runs_with_sliding_window(tmp_path):
+    torch.manual_seed(0)
+    net_def = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 4,
+               "channels": [4, 8], "strides": [2], "num_res_units": 0}
+    from monai.bundle import ConfigParser
+
+    net = ConfigParser({"n": net_def}).get_parsed_content("n")
+    channels = {0: "background", 1: "liver", 2: "lung_upper_lobe_left", 3: "vertebrae_L1"}
+    bundle = write_bundle(tmp_path / "unet", network_def=net_def, state_dict=net.state_dict(), channel_def=channels,
+                          spacing=(4.0, 4.0, 4.0), roi_size=(16, 16, 16))
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 4
+    vol, _ = phantom_volume(tmp_path)
+    result = make_segmenter("builtin", bundle_dir=bundle).segment(vol)
+    assert result.model.demo  # the builtin backend is the demo network
+    assert result.organ_labels == {"liver": 1, "lung_left": CATALOGUE_LABELS["lung_left"]}
+    assert result.labels.GetPixelID() == sitk.sitkUInt8
+    assert result.array().shape == vol.shape
+    assert set(np.unique(result.array())) <= {0, 1, CATALOGUE_LABELS["lung_left"]}
+
+
+def test_bundle_errors_name_the_fix(tmp_path):
+    with pytest.raises(SegmentationError, match="not a MONAI bundle"):
+        make_segmenter("monai_bundle", bundle_dir=tmp_path)
+    bundle = threshold_bundle(tmp_path / "b")
+    (bundle / "models" / "model.pt").unlink()
+    with pytest.raises(WeightsMissing, match="model.pt"):
+        make_segmenter("monai_bundle", bundle_dir=bundle)
+    other = threshold_bundle(tmp_path / "c", name="vertebrae_L1")
+    with pytest.raises(SegmentationError, match="label_map"):
+        make_segmenter("monai_bundle", bundle_dir=other)
+    # An explicit label map fixes it.
+    seg = make_segmenter("monai_bundle", bundle_dir=other, label_map={"spleen": [1]})
+    assert seg.organ_labels == {"spleen": CATALOGUE_LABELS["spleen"]}
+    with pytest.raises(SegmentationError, match="unknown segmentation backend"):
+        make_segmenter("nnunet")
+
+
+def test_map_classes_with_a_synthetic_label_map():
+    classes = np.array([[0, 3, 7], [9, 3, 1]], dtype=np.uint8)
+    labels, organs = map_classes(classes, {"liver": (3,), "lung_left": (7, 9)})
+    assert organs == {"liver": 1, "lung_left": CATALOGUE_LABELS["lung_left"]}
+    np.testing.assert_array_equal(labels, [[0, 1, 11], [11, 1, 0]])
+    assert labels.dtype == np.uint8
+
+
+def test_totalsegmentator_label_mapping():
+    by_name = {v: k for k, v in TOTALSEGMENTATOR_V2_CLASSES.items()}
+    names = ["liver", "kidney_cyst_left", "kidney_left", "lung_middle_lobe_right", "heart", "atrial_appendage_left",
+             "aorta", "vertebrae_L1", "urinary_bladder", "adrenal_gland_right", "esophagus", "costal_cartilages"]
+    classes = np.array([0] + [by_name[n] for n in names], dtype=np.uint8).reshape(1, 1, -1)
+    labels, organs = map_totalsegmentator_labels(classes)
+    expected = [0, "liver", "kidney_left", "kidney_left", "lung_right", "heart", "heart", "aorta", 0,
+                "urinary_bladder", "adrenal_gland_right", "esophagus", 0]
+    np.testing.assert_array_equal(labels.ravel(), [CATALOGUE_LABELS[e] if e else 0 for e in expected])
+    assert set(organs) == set(CATALOGUE_LABELS)  # TotalSegmentator v2 covers the whole catalogue
+
+
+def test_totalsegmentator_missing_weights_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path))
+    assert missing_weights("fast") == [297]
+    (tmp_path / "Dataset297_TotalSegmentator_total_3mm_1559subj").mkdir()
+    assert missing_weights("fast") == []
+    assert missing_weights("normal") == [291, 292, 293, 294, 295]
+    if importlib.util.find_spec("totalsegmentator") is None:
+        with pytest.raises(SegmentationError, match="pip install TotalSegmentator"):
+            make_segmenter("totalsegmentator")
+    else:
+        with pytest.raises(WeightsMissing, match=str(tmp_path)):
+            make_segmenter("totalsegmentator", fast=False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("totalsegmentator") is None, reason="TotalSegmentator not installed")
+def test_totalsegmentator_runs_when_weights_are_installed(tmp_path):
+    if missing_weights("fast"):
+        pytest.skip("TotalSegmentator fast weights are not installed locally")
+    vol, _ = phantom_volume(tmp_path)
+    result = make_segmenter("totalsegmentator", fast=True).segment(vol)
+    assert result.labels.GetSize() == vol.image.GetSize()
