@@ -1,0 +1,83 @@
+"""Encoding of an AnalysisResult as DICOM result objects: SEG (organ masks), SR (TID 1500), SC (summary).
+
+    encode_results(result, kinds=("seg", "sr", "sc")) -> {"seg": Segmentation, "sr": ..., "sc": ...}
+    write_results(objects, out_dir) -> {"seg": Path, ...}
+
+All three join the original study as new series (same Study Instance UID, new Series Instance
+UIDs, same Frame of Reference for the SEG). The SR references the SEG's segments, so asking for
+"sr" also builds (and returns) the SEG. Each call makes new instances: a re-analysis passes the
+earlier SR as ``predecessor_sr`` and the new SR lists it in its Predecessor Documents Sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from ai_core.encode.common import Device, LabelIndex, check_sources, read_headers
+from ai_core.result import AnalysisResult
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("seg", "sr", "sc")
+
+
+def encode_results(
+    result: AnalysisResult,
+    *,
+    kinds: Iterable[str] = KINDS,
+    device_name: str = "ct-vlp-dicom-node",
+    predecessor_sr: Dataset | None = None,
+    sources: list[Dataset] | None = None,
+) -> dict[str, Dataset]:
+    """Build the requested result objects; keys are the kinds built ("sr" brings "seg" along)."""
+    from ai_core.encode.sc import build_sc
+    from ai_core.encode.seg import build_seg, plan_segments
+    from ai_core.encode.sr import build_sr
+
+    wanted = set(kinds)
+    unknown = wanted - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown result kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    t0 = time.perf_counter()
+    sources = sources if sources is not None else read_headers(result.source_files)
+    check_sources(result, sources)
+    device = Device(name=device_name)
+    index = LabelIndex(result.labels) if result.labels is not None else None
+    t_read = time.perf_counter()
+    out: dict[str, Dataset] = {}
+    if "seg" in wanted or "sr" in wanted:
+        segments = plan_segments(result, index)
+        seg = build_seg(result, sources, index=index, segments=segments, device=device)
+        if seg is not None:
+            out["seg"] = seg
+    t_seg = time.perf_counter()
+    if "sr" in wanted:
+        out["sr"] = build_sr(result, sources, seg=out.get("seg"), segments=segments if "seg" in out else (),
+                             index=index, device=device, predecessor=predecessor_sr)
+    t_sr = time.perf_counter()
+    if "sc" in wanted:
+        out["sc"] = build_sc(result, sources, index=index, device=device)
+    t_sc = time.perf_counter()
+    logger.info("encoded %s for series %s in %.2f s (headers %.2f, SEG %.2f, SR %.2f, SC %.2f)",
+                "+".join(out), result.series_instance_uid, t_sc - t0, t_read - t0, t_seg - t_read,
+                t_sr - t_seg, t_sc - t_sr)
+    return out
+
+
+def write_results(objects: dict[str, Dataset], out_dir: Path) -> dict[str, Path]:
+    """Write each object as ``<kind>_<SOPInstanceUID>.dcm`` (DICOM file format) and return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for kind, ds in objects.items():
+        path = out_dir / f"{kind}_{ds.SOPInstanceUID}.dcm"
+        tmp = path.with_suffix(".tmp")
+        ds.save_as(tmp, enforce_file_format=True)
+        tmp.replace(path)  # never leave a half-written object under its final name
+        paths[kind] = path
+    return paths
