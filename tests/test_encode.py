@@ -1,0 +1,265 @@
+"""SEG, SR and SC encoders: validity (dciodvfy, dsrdump), round trips in the source geometry, supersession."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pydicom.config
+import pytest
+import SimpleITK as sitk
+from pydicom.sr.codedict import codes
+
+from ai_core.catalogue import FINDINGS, ORGANS
+from ai_core.encode import encode_results, write_results
+from ai_core.encode.sr import PRESENCE, PROBABILITY, UNITY, finding_probability_concept
+from ai_core.phantom.series import body_volume, orientation_direction, write_series
+from ai_core.result import AnalysisResult, FindingResult, ModelInfo, OrganResult
+from ai_core.volume import read_volume
+
+SHAPE = (12, 40, 48)  # slices, rows, columns: non-square and small
+
+
+@pytest.fixture()
+def strict_reading():
+    old = pydicom.config.settings.reading_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
+    yield
+    pydicom.config.settings.reading_validation_mode = old
+
+
+def _phantom(tmp_path: Path, orientation: str = "HFS", slice_order: str = "ascending", seed: int = 3):
+    vol = body_volume(SHAPE[0], SHAPE[1], SHAPE[2], (4.0, 4.5, 5.0), seed)
+    vol.SetDirection(orientation_direction(orientation))
+    vol.SetOrigin((-91.0, -77.5, 130.0))
+    write_series(vol, tmp_path / "ct", slice_order=slice_order, seed=seed)
+    return read_volume(tmp_path / "ct")  # files sorted along the slice normal, independently of us
+
+
+def _labels(identity: bool = False) -> tuple[np.ndarray, dict[str, int]]:
+    """A label map with organs of both sides and label values that are not segment numbers."""
+    values = {"liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4} if identity else \
+        {"liver": 9, "spleen": 4, "kidney_left": 17, "kidney_right": 2}
+    lab = np.zeros(SHAPE, np.uint8)
+    zz, yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    lab[(((zz - 5) / 4.0) ** 2 + ((yy - 12) / 8.0) ** 2 + ((xx - 14) / 10.0) ** 2) <= 1] = values["liver"]
+    lab[2:6, 8:14, 34:42] = values["spleen"]
+    lab[6:10, 26:32, 30:36] = values["kidney_left"]
+    lab[7:11, 26:33, 10:16] = values["kidney_right"]
+    lab[9, 30, 13] = 0  # a hole: masks must round-trip exactly, not as boxes
+    return lab, values
+
+
+def _result(volume, labels: np.ndarray, values: dict[str, int], demo: bool = True) -> AnalysisResult:
+    organs = [OrganResult(k, v, "evaluated", volume_ml=None) for k, v in values.items()]
+    organs.append(OrganResult("urinary_bladder", 0, "not evaluated", reason="organ not in field of view"))
+    findings = [
+        FindingResult("liver", "lesion", "present", 0.87, 0.5),
+        FindingResult("liver", "steatosis", "absent", 0.12, 0.5),
+        FindingResult("spleen", "enlargement", "present", 0.61, 0.5),
+        FindingResult("kidney_left", "cyst", "present", 0.93, 0.5),
+        FindingResult("kidney_right", "cyst", "absent", 0.08, 0.5),
+        FindingResult("kidney_right", "atrophy", "not evaluated", reason="organ partly outside the field of view"),
+        FindingResult("urinary_bladder", "calcification", "not evaluated", reason="organ not in field of view"),
+    ]
+    return AnalysisResult(
+        study_instance_uid=volume.study_uid, series_instance_uid=volume.series_uid,
+        model=ModelInfo("demo-vlp", "0.1", "cafe", demo=demo), segmenter=ModelInfo("demo-seg", "0.2", demo=demo),
+        organs=organs, findings=findings, source_files=list(volume.files), labels=labels,
+    )
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    exe = shutil.which("dciodvfy")
+    assert exe, "dciodvfy not found: install dicom3tools (apt-get install dicom3tools)"
+    out = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_objects_validate_with_dciodvfy_and_dsrdump(tmp_path):
+    volume = _phantom(tmp_path)
+    labels, values = _labels()
+    paths = write_results(encode_results(_result(volume, labels, values)), tmp_path / "out")
+    assert set(paths) == {"seg", "sr", "sc"}
+    for kind, path in paths.items():
+        assert _dciodvfy_errors(path) == [], f"dciodvfy errors in the {kind}"
+    exe = shutil.which("dsrdump")
+    assert exe, "dsrdump not found: install dcmtk (apt-get install dcmtk)"
+    out = subprocess.run([exe, str(paths["sr"])], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    noise = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith(("W:", "E:", "F:"))]
+    assert noise == []
+    assert "Imaging Measurement Report" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("orientation", "slice_order", "identity"),
+    [("HFS", "ascending", False), ("FFS", "descending", True), ("sagittal", "shuffled", False),
+     ("coronal", "ascending", False), ("oblique", "shuffled", False), ("HFP", "descending", False)],
+)
+def test_seg_masks_round_trip_in_source_geometry(tmp_path, strict_reading, orientation, slice_order, identity):
+    volume = _phantom(tmp_path, orientation, slice_order)
+    labels, values = _labels(identity)
+    objects = encode_results(_result(volume, labels, values), kinds=("seg",))
+    path = write_results(objects, tmp_path / "out")["seg"]
+    seg = hd.seg.segread(path)
+    assert seg.FrameOfReferenceUID == volume.frame_of_reference_uid
+    assert seg.StudyInstanceUID == volume.study_uid
+    assert seg.SeriesInstanceUID != volume.series_uid
+    by_number = {d.segment_number: d for d in seg.SegmentSequence}
+    organ_of_number = {}
+    for number, desc in by_number.items():
+        organ = next(o for o in ORGANS.values() if o.display_name == desc.segment_label)
+        assert desc.segmented_property_category == organ.category
+        assert desc.segmented_property_type == organ.code
+        mods = desc.SegmentedPropertyTypeCodeSequence[0].get("SegmentedPropertyTypeModifierCodeSequence", [])
+        assert [(m.CodeValue, m.CodingSchemeDesignator) for m in mods] == (
+            [(organ.laterality.value, "SCT")] if organ.laterality else [])
+        assert desc.algorithm_identification[0].AlgorithmFamilyCodeSequence[0].CodeMeaning == \
+            "Artificial Intelligence"
+        organ_of_number[number] = organ.key
+    assert sorted(organ_of_number.values()) == sorted(values)
+    expected = np.zeros_like(labels)
+    for number, key in organ_of_number.items():
+        expected[labels == values[key]] = number
+
+    # 1. By the per-frame references to the source images.
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in volume.files]
+    by_ref = seg.get_pixels_by_source_instance(uids, combine_segments=True, ignore_spatial_locations=True,
+                                               assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(by_ref, expected)
+
+    # 2. By geometry alone: the SEG as a volume in patient space, resampled onto the CT grid.
+    seg_img = seg.get_volume(combine_segments=True).to_simpleitk()
+    on_ct = sitk.Resample(sitk.Cast(seg_img, sitk.sitkUInt8), volume.image, sitk.Transform(),
+                          sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(on_ct), expected)
+
+    # Empty frames are omitted: one frame per (segment, slice) that holds pixels.
+    expected_frames = sum(int(np.any(labels[k] == values[o])) for o in values for k in range(SHAPE[0]))
+    assert int(seg.NumberOfFrames) == expected_frames
+
+
+def test_sr_round_trip_finds_every_finding(tmp_path, strict_reading):
+    volume = _phantom(tmp_path, "HFS", "shuffled")
+    labels, values = _labels()
+    result = _result(volume, labels, values)
+    paths = write_results(encode_results(result), tmp_path / "out")
+    seg = hd.seg.segread(paths["seg"])
+    sr = hd.sr.srread(paths["sr"])
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    assert sr.StudyInstanceUID == volume.study_uid
+    assert "NOT FOR CLINICAL USE" in sr.SeriesDescription
+    report = sr.content
+    number_of = {d.segment_label: d.segment_number for d in seg.SegmentSequence}
+    source_uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in volume.files]
+
+    for f in result.findings:
+        organ, finding = ORGANS[f.organ], FINDINGS[f.finding]
+        volumetric = [g for g in report.get_volumetric_roi_measurement_groups(finding_type=finding.code)
+                      if _site_matches(g, organ)]
+        if f.organ == "urinary_bladder":  # not segmented: a TID 1501 group without ROI
+            groups = [g for g in report.get_image_measurement_groups(finding_type=finding.code)
+                      if _site_matches(g, organ)]
+            assert len(groups) == 1 and not volumetric
+            group = groups[0]
+        else:
+            assert len(volumetric) == 1, f"{f.organ}/{f.finding}"
+            group = volumetric[0]
+            seg_ref = group.referenced_segment
+            assert seg_ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+            assert seg_ref.referenced_segment_numbers == [number_of[organ.display_name]]
+            # Referenced through the source series, not a list of every source image.
+            assert seg_ref.source_series_for_segmentation.value == volume.series_uid
+            assert not seg_ref.has_source_images()
+        presence = [e for e in group.get_qualitative_evaluations(name=PRESENCE)]
+        assert len(presence) == 1
+        assert presence[0].value.meaning == {"present": "Present", "absent": "Absent",
+                                             "not evaluated": "Presence Undetermined"}[f.decision]
+        probs = group.get_measurements(name=PROBABILITY)
+        if f.decision == "not evaluated":
+            assert probs == []
+            assert f.reason in group.tracking_identifier
+        else:
+            assert len(probs) == 1 and probs[0].value == pytest.approx(f.probability)
+            assert probs[0].unit == UNITY
+            assert f"p={f.probability:.2f}" in group.tracking_identifier
+        # The 2D point group with the same tracking UID, on a source slice, inside the organ.
+        planar = report.get_planar_roi_measurement_groups(tracking_uid=group.tracking_uid)
+        assert len(planar) == 1
+        region = planar[0].roi
+        assert region.graphic_type.value == "POINT"
+        if f.organ == "urinary_bladder":  # no mask to point at: a 3D point in the frame of reference
+            assert isinstance(region, hd.sr.ImageRegion3D)
+            assert region.frame_of_reference_uid == volume.frame_of_reference_uid
+            continue
+        assert isinstance(region, hd.sr.ImageRegion)
+        k = source_uids.index(region[0].referenced_sop_instance_uid if isinstance(region, list)
+                              else region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        col, row = region.value[0]
+        assert labels[k, int(row), int(col)] == values[f.organ], "the point must lie inside the organ"
+        if f.decision != "not evaluated":
+            named = planar[0].get_measurements(name=finding_probability_concept(f.finding))
+            assert len(named) == 1 and named[0].value == pytest.approx(f.probability)
+
+
+def _site_matches(group, organ) -> bool:
+    sites = group.finding_sites
+    if len(sites) != 1 or sites[0].value != organ.code:
+        return False
+    lat = sites[0].laterality
+    return (lat is None and organ.laterality is None) or (lat is not None and lat == organ.laterality)
+
+
+def test_supersession_references_the_predecessor(tmp_path):
+    volume = _phantom(tmp_path)
+    labels, values = _labels()
+    result = _result(volume, labels, values)
+    first = encode_results(result, kinds=("sr",))
+    second = encode_results(result, kinds=("sr",), predecessor_sr=first["sr"])
+    assert second["sr"].SOPInstanceUID != first["sr"].SOPInstanceUID
+    assert "PredecessorDocumentsSequence" not in first["sr"]
+    pre = second["sr"].PredecessorDocumentsSequence[0]
+    assert pre.StudyInstanceUID == volume.study_uid
+    assert pre.ReferencedSeriesSequence[0].SeriesInstanceUID == first["sr"].SeriesInstanceUID
+    ref = pre.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first["sr"].SOPInstanceUID
+    assert ref.ReferencedSOPClassUID == first["sr"].SOPClassUID
+
+
+def test_demo_banner_and_descriptions(tmp_path):
+    volume = _phantom(tmp_path)
+    labels, values = _labels()
+    demo = encode_results(_result(volume, labels, values, demo=True))
+    real = encode_results(_result(volume, labels, values, demo=False))
+    for kind in ("seg", "sr", "sc"):
+        assert "NOT FOR CLINICAL USE" in demo[kind].SeriesDescription
+        assert "NOT FOR CLINICAL USE" not in real[kind].SeriesDescription
+        assert demo[kind].StudyInstanceUID == volume.study_uid
+    banner = demo["sc"].pixel_array[:30]
+    red = (banner[..., 0] > 150) & (banner[..., 1] < 60) & (banner[..., 2] < 60)
+    assert red.mean() > 0.5
+    top = real["sc"].pixel_array[:30]
+    assert ((top[..., 0] > 150) & (top[..., 1] < 60)).mean() < 0.05
+
+
+def test_results_join_the_original_study_in_orthanc(tmp_path):
+    from tests.peers import Orthanc
+
+    volume = _phantom(tmp_path)
+    labels, values = _labels()
+    paths = write_results(encode_results(_result(volume, labels, values)), tmp_path / "out")
+    with Orthanc(tmp_path / "orthanc") as orthanc:
+        for f in volume.files:
+            orthanc.upload(f)
+        for kind, p in paths.items():
+            answer = orthanc.upload(p)
+            assert answer.get("Status") in ("Success", "AlreadyStored"), (kind, answer)
+        series = orthanc.study_series(volume.study_uid)
+        modalities = sorted(s["MainDicomTags"].get("Modality") for s in series)
+        assert modalities == ["CT", "OT", "SEG", "SR"]
+        assert len({s["ParentStudy"] for s in series}) == 1
