@@ -167,12 +167,15 @@ def make_requested_handler(policy: PeerPolicy) -> Callable[[evt.Event], None]:
 
     def handle_requested(event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        ae_title, address = requestor.ae_title.strip(), requestor.address
+        # the A-ASSOCIATE-RQ is not negotiated yet: read the calling AE title from the request
+        ae_title, address = str(requestor.primitive.calling_ae_title).strip(), requestor.address
         if not policy.allows(ae_title, address):
             log.warning("rejected association from AE %r at %s: not in network.allowed_peers "
                         "(add it to config.yaml to accept it)", ae_title, address)
             # permanent, service user, calling AE title not recognised
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # as pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is on the wire
+            event.assoc.kill()
 
     return handle_requested
 

@@ -1,0 +1,217 @@
+"""The node against real peers: dcmtk storescu as the modality, Orthanc and storescp as PACS."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+
+from ai_core.phantom.series import make_ct_series
+from tests.nodeproc import NodeProcess, dataset_bytes_after_meta, scu
+from tests.peers import PEER_ENV, Orthanc, StoreSCP, require_tool, storescu
+
+
+def _series(tmp_path: Path, name: str, n: int = 20, size: int = 128, seed: int = 0) -> list[Path]:
+    return make_ct_series(tmp_path / name, n_slices=n, rows=size, cols=size, seed=seed)
+
+
+def test_storescu_100_slices_stored_as_sent_and_forwarded_to_orthanc(tmp_path):
+    files = _series(tmp_path, "ct", n=100, size=256)
+    with Orthanc(tmp_path / "orthanc", aet="ORTHANC") as orthanc, NodeProcess(
+            tmp_path / "node", stable_after=1.0,
+            destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}},
+            rules=[{"name": "ct", "match": {"Modality": "CT"}, "forward": ["pacs"]}]) as node:
+        storescu(node.port, files, calling="MODALITY")
+        stored = node.files()
+        assert len(stored) == 100
+        by_uid = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in stored}
+        for f in files:
+            sent = dcmread(f, stop_before_pixels=True)
+            # stored exactly as sent: the encoded dataset after the file meta group is byte-identical
+            assert dataset_bytes_after_meta(by_uid[sent.SOPInstanceUID]) == dataset_bytes_after_meta(f)
+        st = node.wait_for(lambda: (s := node.status())["series"].get("complete") == 1 and s["jobs"].get(
+            "forward/done") == 1 and s, timeout=60, what="series complete and forwarded")
+        assert st["deliveries"] == {"done": 100}
+        series_uid = dcmread(files[0]).SeriesInstanceUID
+        found = orthanc.find_series(series_uid)
+        assert found is not None and len(found["Instances"]) == 100
+        # pixel data equal, instance by instance
+        for oid in found["Instances"]:
+            got = dcmread(__import__("io").BytesIO(orthanc.get_bytes(f"/instances/{oid}/file")))
+            src = dcmread(by_uid[got.SOPInstanceUID])
+            assert got.PixelData == src.PixelData
+
+
+def test_unknown_calling_ae_is_rejected_and_nothing_stored(tmp_path):
+    files = _series(tmp_path, "ct", n=3)
+    with NodeProcess(tmp_path / "node", extra={"network": {"allowed_peers": [
+            {"ae_title": "CT_SCANNER*", "hosts": ["127.0.0.1"]}]}}) as node:
+        r = storescu(node.port, files, calling="INTRUDER", check=False)
+        assert r.returncode != 0
+        assert "Rejected" in r.stdout + r.stderr or "rejected" in (r.stdout + r.stderr).lower()
+        # an allowed calling AE (glob) gets in
+        storescu(node.port, files, calling="CT_SCANNER_1")
+        assert len(node.files()) == 3
+        assert "INTRUDER" in node.log() and "not in network.allowed_peers" in node.log()
+
+
+def test_unknown_host_is_rejected_and_nothing_stored(tmp_path):
+    files = _series(tmp_path, "ct", n=3)
+    with NodeProcess(tmp_path / "node", extra={"network": {"allowed_peers": [
+            {"ae_title": "*", "hosts": ["10.99.0.0/16"]}]}}) as node:
+        r = storescu(node.port, files, calling="MODALITY", check=False)
+        assert r.returncode != 0
+        assert node.files() == [] and node.temporaries() == []
+
+
+def _send_status(node: NodeProcess, ds, context_class=None) -> int:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(context_class or ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(ds)
+        return int(rsp.Status)
+    finally:
+        assoc.release()
+
+
+def _echo_ok(node: NodeProcess) -> bool:
+    r = subprocess.run([require_tool("echoscu"), "-aet", "TESTSCU", "-aec", node.ae_title, "127.0.0.1",
+                        str(node.port)], env=PEER_ENV, capture_output=True)
+    return r.returncode == 0
+
+
+def test_malformed_input_gets_failure_status_and_leaves_nothing(tmp_path):
+    good = _series(tmp_path, "ct", n=2)
+    with NodeProcess(tmp_path / "node") as node:
+        # truncated pixel data
+        ds = dcmread(good[0])
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+        assert _send_status(node, ds) == 0xC000
+        # missing Series Instance UID
+        ds = dcmread(good[0])
+        del ds.SeriesInstanceUID
+        assert _send_status(node, ds) == 0xC000
+        # missing Study Instance UID
+        ds = dcmread(good[0])
+        del ds.StudyInstanceUID
+        assert _send_status(node, ds) == 0xC000
+        # dataset says MR while sent in a CT presentation context: the file meta says CT, so
+        # pynetdicom sends the raw bytes in the CT context
+        ds = dcmread(good[0])
+        ds.SOPClassUID = MRImageStorage
+        mismatched = tmp_path / "mismatch.dcm"
+        ds.save_as(mismatched, enforce_file_format=False)
+        from pynetdicom import AE, _config
+
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert int(assoc.send_c_store(mismatched).Status) == 0xA900
+        assoc.release()
+        # the node keeps serving and nothing partial was left
+        assert _echo_ok(node)
+        assert node.files() == [] and node.temporaries() == []
+        storescu(node.port, good)
+        assert len(node.files()) == 2
+
+
+def test_three_concurrent_associations_all_stored_and_complete(tmp_path):
+    series = [_series(tmp_path, f"ct{i}", n=30, seed=i) for i in range(3)]
+    with NodeProcess(tmp_path / "node", stable_after=1.0) as node:
+        procs = [subprocess.Popen([require_tool("storescu"), "-aet", f"MOD{i}", "-aec", "CTVLP", "-nh",
+                                   "127.0.0.1", str(node.port), *map(str, s)], env=PEER_ENV,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i, s in enumerate(series)]
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out
+        assert len(node.files()) == 90
+        node.wait_for(lambda: node.status()["series"].get("discarded") == 3, what="3 series complete")
+
+
+def test_resent_instances_are_idempotent(tmp_path):
+    files = _series(tmp_path, "ct", n=5)
+    with NodeProcess(tmp_path / "node", stable_after=0.5) as node:
+        storescu(node.port, files)
+        node.wait_for(lambda: node.status()["series"].get("discarded") == 1, what="complete")
+        storescu(node.port, files)  # identical bytes again: no new rows, no re-opening
+        time.sleep(1.5)
+        st = node.status()
+        assert len(node.files()) == 5
+        assert st["series"] == {"discarded": 1}
+
+
+def test_kill_9_mid_transfer_keeps_every_acknowledged_instance(tmp_path):
+    files = _series(tmp_path, "ct", n=120, size=256)
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        node = NodeProcess(tmp_path / "node", stable_after=1.0,
+                           destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port}},
+                           rules=[{"name": "ct", "match": {"Modality": "CT"}, "forward": ["pacs"]}])
+        node.start()
+        try:
+            proc = subprocess.Popen([require_tool("storescu"), "-v", "-aet", "MODALITY", "-aec", "CTVLP", "-nh",
+                                     "127.0.0.1", str(node.port), *map(str, files)], env=PEER_ENV,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            node.wait_for(lambda: len(node.files()) >= 30, timeout=60, interval=0.01, what="30 files stored")
+            node.kill9()
+            out, _ = proc.communicate(timeout=60)
+            # storescu -v: "Sending file: PATH" ... "Received Store Response (Success)"
+            acked, current = [], None
+            for line in out.splitlines():
+                if m := re.search(r"Sending file: (\S+)", line):
+                    current = m[1]
+                elif "Received Store Response (Success)" in line and current:
+                    acked.append(Path(current))
+            assert 30 <= len(acked) < 120, out[-2000:]
+            node.start()
+            stored = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in node.files()}
+            for f in acked:
+                uid = dcmread(f, stop_before_pixels=True).SOPInstanceUID
+                assert uid in stored, f"acknowledged {uid} lost"
+                assert dataset_bytes_after_meta(stored[uid]) == dataset_bytes_after_meta(f)
+            assert node.temporaries() == []
+            n = len(stored)
+            node.wait_for(lambda: node.status()["deliveries"].get("done") == n, timeout=60,
+                          what="every stored instance forwarded after restart")
+            assert len(pacs.files()) == n
+        finally:
+            node.stop()
+
+
+def test_destination_down_then_up_is_delivered_and_never_up_fails_visibly(tmp_path):
+    files = _series(tmp_path, "ct", n=5)
+    files2 = _series(tmp_path, "ct2", n=3, seed=7)
+    from tests.peers import free_port
+
+    late_port, dead_port = free_port(), free_port()
+    with NodeProcess(tmp_path / "node", stable_after=0.5,
+                     destinations={"late": {"ae_title": "LATE", "host": "127.0.0.1", "port": late_port},
+                                   "dead": {"ae_title": "DEAD", "host": "127.0.0.1", "port": dead_port}},
+                     rules=[{"name": "ct", "match": {"Modality": "CT", "SeriesInstanceUID":
+                                                     str(dcmread(files[0]).SeriesInstanceUID)},
+                             "forward": ["late"]},
+                            {"name": "other", "match": {"Modality": "CT"}, "forward": ["dead"]}],
+                     extra={"workers": {"max_attempts": 3}}) as node:
+        storescu(node.port, files)
+        storescu(node.port, files2)
+        node.wait_for(lambda: "LATE@127.0.0.1" in node.cli("jobs").stdout, timeout=30,
+                      what="a failed attempt to the late destination")
+        with StoreSCP(tmp_path / "late", aet="LATE", port=late_port) as late:
+            node.wait_for(lambda: len(late.files()) == 5, timeout=30, what="delivery after the peer came up")
+        st = node.wait_for(lambda: (s := node.status())["jobs"].get("forward/failed") == 1 and s, timeout=60,
+                           what="the dead destination's job to fail")
+        assert st["jobs"].get("forward/done") == 1
+        assert st["deliveries"].get("failed") == 3
+        failed = node.cli("jobs", "--failed").stdout
+        assert "DEAD" in failed and "did not answer" in failed
