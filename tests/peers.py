@@ -33,7 +33,7 @@ PACKAGES = {
 def require_tool(name: str) -> str:
     """Path of a system tool, or fail the test saying which Debian package to install."""
     path = shutil.which(name)
-    if path is None and name == "initdb":
+    if name == "initdb":  # Debian keeps the server binaries out of PATH
         found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
         path = str(found[-1]) if found else None
     if path is None:
@@ -257,13 +257,18 @@ class Postgres:
 
     def start(self) -> "Postgres":
         """initdb, start and create the test role and database."""
-        data = self.workdir / "pgdata"
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if self._as_root:
+            # pytest's temp root is private to root: give postgres a directory it can reach
+            import tempfile
+
+            self.workdir = Path(tempfile.mkdtemp(prefix="ctvlp-pg-"))
             shutil.chown(self.workdir, "postgres")
-            os.chmod(self.workdir, 0o755)
-        subprocess.run(self._cmd([self.initdb, "-D", str(data), "-A", "trust", "-U", "postgres"]),
-                       check=True, capture_output=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        data = self.workdir / "pgdata"
+        r = subprocess.run(self._cmd([self.initdb, "-D", str(data), "-A", "trust", "-U", "postgres"]),
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"initdb failed: {r.stderr}")
         self.proc = subprocess.Popen(
             self._cmd([str(self.bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1",
                        "-p", str(self.port), "-k", str(self.workdir), "-c", "fsync=off"]),
@@ -282,9 +287,11 @@ class Postgres:
         return self
 
     def stop(self) -> None:
-        """Stop the server."""
+        """Stop the server (and remove its private directory when we made one)."""
         stop_process(self.proc)
         self.proc = None
+        if self._as_root:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "Postgres":
         return self.start()
