@@ -167,6 +167,10 @@ class Anatomy:
 BODY_Z = np.array([-230.0, -150.0, -60.0, 30.0, 120.0, 230.0])
 
 
+# Radius factors of enlargement per organ (volume grows with the cube).
+_ENLARGEMENT = {"liver": (1.2, 1.3), "heart": (1.2, 1.3), "spleen": (1.35, 1.5), "gallbladder": (1.35, 1.5)}
+
+
 def _lumps(rng: np.random.Generator, scale: float = 0.06) -> np.ndarray:
     return rng.normal(0.0, scale, 8)
 
@@ -192,7 +196,7 @@ def sample_anatomy(seed: int, pairs: list[tuple[str, str]], *, prone: bool = Fal
 
     def size(organ: str, normal: float = 0.08) -> float:
         if (organ, "enlargement") in present:
-            f = float(rng.uniform(1.22, 1.32) if organ == "heart" else rng.uniform(1.32, 1.45))
+            f = float(rng.uniform(*_ENLARGEMENT.get(organ, (1.32, 1.45))))
         elif (organ, "atrophy") in present:
             f = float(rng.uniform(0.62, 0.72))
         else:
@@ -438,7 +442,6 @@ def render_slab(s: Slab, findings: list[Finding], ctx: dict) -> None:
     heart = an.organs["heart"]
     _paint_organ(s, "heart", heart, hu["myocardium"], cavity)
     _fill(s, heart.scaled(np.array([0.8, 0.78, 0.8])), hu["blood_contrast"], label_only=lab["heart"])
-    _paint_organ(s, "aorta", an.organs["aorta"], hu["blood_contrast"], cavity)
     eso = an.organs["esophagus"]
     _paint_organ(s, "esophagus", eso, hu["wall"], cavity)
     if "esophagus_dilated" in ctx:
@@ -468,6 +471,8 @@ def render_slab(s: Slab, findings: list[Finding], ctx: dict) -> None:
     bl = an.organs["urinary_bladder"]
     _paint_organ(s, "urinary_bladder", bl, hu["wall"], below)
     _fill(s, bl.scaled((bl.radii - 3.5) / bl.radii), hu["water"], label_only=lab["urinary_bladder"])
+    # last: no organ, however enlarged, covers the aorta
+    _paint_organ(s, "aorta", an.organs["aorta"], hu["blood_contrast"], cavity)
 
     for f in findings:
         ctx["painters"][f.finding](s, f, ctx)

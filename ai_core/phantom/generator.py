@@ -122,7 +122,6 @@ def generate_case(
         pairs = random_pairs(np.random.default_rng([cseed, 0]))
     position = PATIENT_POSITIONS.get(orientation, "HFS")
     an = sample_anatomy(cseed, pairs, prone=position in ("HFP", "FFP"))
-    placed = place_findings(an, pairs, cseed)
     grid = Grid.covering(spacing, size, ORIENTATIONS[orientation])
 
     rng = np.random.default_rng([cseed, 3])
@@ -135,6 +134,7 @@ def generate_case(
         "painters": PAINTERS,
         "liver_hu": an.hu["liver"],
     }
+    placed = place_findings(an, pairs, cseed, accept=lambda o, c, r: _mostly_in(an, ctx, o, c, r))
     steat = next((f for f in placed if f.finding == "steatosis"), None)
     if steat is not None:
         ctx["liver_hu"] = steat.hu
@@ -192,6 +192,16 @@ def generate_case(
     )
     log.debug("phantom %d (%s, %s voxels) in %.2f s", seed, orientation, grid.size, case.seconds)
     return case
+
+
+def _mostly_in(an, ctx: dict, organ: str, center: np.ndarray, radius: float) -> bool:
+    """Whether most of a small probe grid around an anatomy point is labelled ``organ``."""
+    p = an.deformation.invert_point(center)
+    step = max(radius * 0.5, 1.0)
+    probe = Grid.covering((step, step, step), (3, 3, 3), None, center=p)
+    slab = Slab(probe, an, 0, 3)
+    render_slab(slab, [], ctx)
+    return float((slab.labels == ORGAN_LABELS[organ]).mean()) >= 0.75
 
 
 def generate_balanced(n: int, seed: int, **kwargs) -> list[PhantomCase]:

@@ -35,8 +35,15 @@ def _pole(q_long: float) -> str:
     return "upper pole" if q_long > 0.3 else "lower pole" if q_long < -0.3 else "interpolar region"
 
 
-def place_findings(an: Anatomy, pairs: list[tuple[str, str]], seed: int) -> list[Finding]:
-    """Finding records (anatomy coordinates) for the requested pairs, deterministic from ``seed``."""
+Accept = Callable[[str, np.ndarray, float], bool]
+
+
+def place_findings(an: Anatomy, pairs: list[tuple[str, str]], seed: int, accept: Accept | None = None) -> list[Finding]:
+    """Finding records (anatomy coordinates) for the requested pairs, deterministic from ``seed``.
+
+    ``accept(organ, centre, radius)`` vets a candidate spot of a focal finding (e.g. by rendering
+    the labels around it); rejected spots are redrawn.
+    """
     rng = np.random.default_rng([seed, 2])
     out: list[Finding] = []
     org = an.organs
@@ -52,24 +59,28 @@ def place_findings(an: Anatomy, pairs: list[tuple[str, str]], seed: int) -> list
             }[organ]
             if finding == "cyst":
                 radius_range = (radius_range[0] - 1, radius_range[1] + 1)
-            r = float(rng.uniform(*radius_range))
-            if organ == "liver":
-                right, left = an.extras["liver_lobes"]
-                lobe, name = (right, "right lobe") if rng.random() < 0.7 else (left, "left lobe")
-                c, _ = _inside_point(rng, lobe, 0.45)
-                r = min(r, 0.45 * float(lobe.radii.min()))
-                f.location = name
-            elif organ == "pancreas":
-                tube: Tube = org[organ]
-                t = float(rng.uniform(0.1, 0.9))
-                c = tube.point_at(t)
-                r = min(r, 0.85 * tube.radius_at(t))
-                f.location = "head" if t < 0.3 else "body" if t < 0.65 else "tail"
-            else:
-                e: Ellipsoid = org[organ]
-                c, q = _inside_point(rng, e, 0.45)
-                r = min(r, 0.5 * float(e.radii.min()))
-                f.location = _pole(q[2]) if organ.startswith("kidney") or organ == "spleen" else ""
+            r0 = float(rng.uniform(*radius_range))
+            for _attempt in range(25):  # until the spot really lies in the organ
+                r = r0
+                if organ == "liver":
+                    right, left = an.extras["liver_lobes"]
+                    lobe, name = (right, "right lobe") if rng.random() < 0.7 else (left, "left lobe")
+                    c, _ = _inside_point(rng, lobe, 0.5)
+                    r = min(r, 0.45 * float(lobe.radii.min()))
+                    f.location = name
+                elif organ == "pancreas":
+                    tube: Tube = org[organ]
+                    t = float(rng.uniform(0.1, 0.9))
+                    c = tube.point_at(t)
+                    r = min(r, 0.85 * tube.radius_at(t))
+                    f.location = "head" if t < 0.3 else "body" if t < 0.65 else "tail"
+                else:
+                    e: Ellipsoid = org[organ]
+                    c, q = _inside_point(rng, e, 0.5)
+                    r = min(r, 0.5 * float(e.radii.min()))
+                    f.location = _pole(q[2]) if organ.startswith("kidney") or organ == "spleen" else ""
+                if accept is None or accept(organ, c, r):
+                    break
             f.center_lps = tuple(float(v) for v in c)
             f.size_mm = round(2 * r, 1)
             if finding == "cyst":
@@ -120,8 +131,12 @@ def place_findings(an: Anatomy, pairs: list[tuple[str, str]], seed: int) -> list
                 n = int(rng.integers(1, 4))
                 qs = []
                 for _ in range(n):
-                    p, q = _inside_point(rng, e, 0.5)
-                    foci.append((p, float(rng.uniform(2.5, 4.5))))
+                    rf = float(rng.uniform(2.5, 4.5))
+                    for _attempt in range(25):
+                        p, q = _inside_point(rng, e, 0.6)
+                        if accept is None or accept(organ, p, rf):
+                            break
+                    foci.append((p, rf))
                     qs.append(q)
                 f.location = _pole(qs[0][2]) if organ.startswith("kidney") else ""
             f.center_lps = tuple(float(v) for v in foci[0][0])
