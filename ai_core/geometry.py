@@ -84,3 +84,46 @@ def resample(
         float(default),
         image.GetPixelID() if pixel_type is None else pixel_type,
     )
+
+
+def _signed_permutation(a: np.ndarray, tol: float = 1e-4) -> np.ndarray | None:
+    """``a`` rounded to a signed permutation matrix, or None if it is not one."""
+    m = np.round(a)
+    if np.abs(a - m).max() > tol or not np.array_equal(np.abs(m).sum(0), np.ones(3)) \
+            or not np.array_equal(np.abs(m).sum(1), np.ones(3)):
+        return None
+    return m
+
+
+def resample_nearest(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour resampling of a label image onto ``reference``'s grid (0 outside).
+
+    When the two grids' axes are parallel (any permutation or flip, the usual case of a coarse
+    network grid and the source grid), indexing is separable per axis and done with three
+    ``np.take``; otherwise SimpleITK resamples.
+    """
+    d_l = np.asarray(labels.GetDirection()).reshape(3, 3)
+    d_r = np.asarray(reference.GetDirection()).reshape(3, 3)
+    m = _signed_permutation(d_l.T @ d_r)
+    if m is None:
+        return resample(labels, reference, interpolator=sitk.sitkNearestNeighbor)
+    sp_l, sp_r = np.asarray(labels.GetSpacing()), np.asarray(reference.GetSpacing())
+    size_l, size_r = labels.GetSize(), reference.GetSize()
+    offset = d_l.T @ (np.asarray(reference.GetOrigin()) - np.asarray(labels.GetOrigin()))
+    src = np.pad(sitk.GetArrayViewFromImage(labels), ((0, 1), (0, 1), (0, 1)))  # index n -> 0
+    # For each reference axis b, the labels axis a it runs along and the indices it visits.
+    order, index = [], []
+    for b in range(3):
+        a = int(np.flatnonzero(m[:, b])[0])
+        c = (offset[a] + m[a, b] * sp_r[b] * np.arange(size_r[b])) / sp_l[a]
+        i = np.floor(c + 0.5).astype(np.intp)
+        i[(i < 0) | (i >= size_l[a])] = size_l[a]
+        order.append(a)
+        index.append(i)
+    # Numpy axes are reversed (z, y, x): put the labels' axes in the reference's order, then take.
+    out = src.transpose([2 - order[2], 2 - order[1], 2 - order[0]])
+    for axis, b in enumerate((2, 1, 0)):
+        out = np.take(out, index[b], axis=axis)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(out))
+    image.CopyInformation(reference)
+    return image

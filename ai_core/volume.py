@@ -24,6 +24,8 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
+from ai_core.geometry import resample_nearest
+
 logger = logging.getLogger(__name__)
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -147,10 +149,8 @@ def image_to_labels(label_image: sitk.Image, volume: CTVolume) -> np.ndarray:
     A label image on another grid is resampled onto the volume with nearest neighbour.
     """
     if not _same_grid(label_image, volume.image):
-        label_image = sitk.Resample(
-            label_image, volume.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
-        )
-    elif label_image.GetPixelID() != sitk.sitkUInt8:
+        label_image = resample_nearest(label_image, volume.image)
+    if label_image.GetPixelID() != sitk.sitkUInt8:
         label_image = sitk.Cast(label_image, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(label_image)
 

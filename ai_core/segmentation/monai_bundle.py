@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ai_core.catalogue import label_groups_from_names
-from ai_core.geometry import image_from_xyz, ras_affine, resample, resampled_grid
+from ai_core.geometry import image_from_xyz, ras_affine, resample, resample_nearest, resampled_grid
 from ai_core.result import ModelInfo
 from ai_core.segmentation.base import (
     Segmentation,
@@ -203,7 +203,8 @@ class MonaiBundleSegmenter(Segmenter):
             logits = self.inferer(batch, self.network) if self.inferer is not None else self.network(batch)
             if isinstance(logits, (list, tuple)):
                 logits = logits[0]
-            classes = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+            # numpy's argmax over the channel axis is several times faster than torch's on CPU.
+            classes = logits[0].float().cpu().numpy().argmax(0).astype(np.uint8)
         affine = img.affine.cpu().numpy() if isinstance(img, MetaTensor) else ras_affine(image)
         return image_from_xyz(classes, affine)
 
@@ -222,5 +223,5 @@ class MonaiBundleSegmenter(Segmenter):
         lut = self.lut if self.lut.size > int(arr.max()) else np.pad(self.lut, (0, int(arr.max()) + 1 - self.lut.size))
         mapped = sitk.GetImageFromArray(lut[arr])
         mapped.CopyInformation(coarse)
-        labels = resample(mapped, volume.image, interpolator=sitk.sitkNearestNeighbor, pixel_type=sitk.sitkUInt8)
+        labels = resample_nearest(mapped, volume.image)
         return Segmentation(labels=labels, organ_labels=dict(self.organ_labels), model=self.info)
