@@ -554,7 +554,9 @@ def _paint_lungs(s: Slab, findings: list[Finding], ctx: dict) -> None:
     ys = an.spine_y
     dz = an.extras["dz"]
     apex = (x / 150.0) ** 2 + ((y - 5) / 110.0) ** 2 + (np.maximum(z - 70.0 - dz, 0) / 150.0) ** 2 <= 1.0
-    medi = (np.abs(x - 6.0) < 24.0) & (y < ys - 5)
+    # mediastinum: narrow behind the sternum and at the apex, widest at the hila
+    half = 16.0 + 10.0 * np.clip(1.0 - np.abs(z - 95.0 - dz) / 90.0, 0.0, 1.0)
+    medi = ((x - 6.0) / half) ** 2 + ((y - ys + 50.0) / 85.0) ** 2 <= 1.0
     spine_zone = (x / 32.0) ** 2 + ((y - ys - 12.0) / 40.0) ** 2 <= 1.0  # paravertebral tissue
     space = thorax & apex & ~medi & ~spine_zone
     for organ, side in (("lung_right", x < 6.0), ("lung_left", x >= 6.0)):
