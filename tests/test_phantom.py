@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from ai_core.phantom.findings import (
     BALANCED_BLOCK,
+    EXCLUSIVE,
     FINDINGS,
     ORGAN_LABELS,
     SUPPORTED_PAIRS,
@@ -164,6 +165,9 @@ def _check_report(case):
                 asserted.add((s.organ, finding))
             else:
                 assert (s.organ, finding) not in present, f"report negates present {s.organ}:{finding}"
+                for group in EXCLUSIVE:  # "normal size" beside atrophy would contradict it
+                    if finding in group:
+                        assert not any((s.organ, g) in present for g in group), s.text
                 assert any(c in low for c in NEGATION_CUES), s.text
         if not any(s.findings.values()):
             # a normal or negating sentence: any finding word must be negated

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import re
+
 import numpy as np
 
-from ai_core.phantom.findings import FINDINGS, PHANTOM_ORGANS, Finding
+from ai_core.phantom.findings import EXCLUSIVE, FINDINGS, PHANTOM_ORGANS, Finding
 
 # organ -> (noun, adjective)
 ORGAN_WORDS: dict[str, tuple[str, str]] = {
@@ -44,6 +46,8 @@ FINDING_KEYWORDS: dict[str, tuple[str, ...]] = {
     "emphysema": ("emphysem",),
     "pleural_effusion": ("effusion",),
 }
+# "a" before a vowel sound: "an 8 mm", "an 11 mm", "an ill-defined"
+_ARTICLE = re.compile(r"\b([Aa]) (?=(?:8\d*|11|18|ill-)\b|ill-)")
 NEGATION_CUES = ("no ", "without", "normal", "unremarkable", "not ", "negative")
 
 _GENERIC_NORMAL = (
@@ -73,13 +77,15 @@ NORMAL_SENTENCES: dict[str, tuple[str, ...]] = {
 
 _LESION_POS = (
     "A {size} mm ill-defined hypodense lesion in the {loc_of}{noun}.",
+    "Hypodense focal lesion in the {loc_of}{noun}.",
     "Focal hypoattenuating {adj} lesion measuring {size} mm{loc_in}.",
-    "There is a {size} mm hypodense focal lesion in the {noun}{loc_in}.",
+    "There is a {size} mm hypodense focal lesion in the {loc_of}{noun}.",
 )
 _CYST_POS = (
     "A {size} mm simple cyst in the {loc_of}{noun}.",
+    "Simple {adj} cyst{loc_in}.",
     "Well-circumscribed fluid-density {adj} cyst measuring {size} mm{loc_in}.",
-    "There is a {size} mm cyst in the {noun}{loc_in}.",
+    "There is a {size} mm cyst in the {loc_of}{noun}.",
 )
 _ATROPHY_POS = ("The {noun} is small and atrophic.", "Atrophy of the {noun}.", "Diffuse {adj} atrophy.")
 
@@ -126,7 +132,8 @@ POSITIVE_SENTENCES: dict[str, dict[str, tuple[str, ...]]] = {
                         "Gallbladder enlargement (hydrops)."),
     },
     "urinary_bladder": {
-        "calcification": ("A {size} mm calculus in the urinary bladder.", "Bladder stone measuring {size} mm."),
+        "calcification": ("A {size} mm calculus in the urinary bladder.", "Bladder stone measuring {size} mm.",
+                          "Calculus in the urinary bladder."),
         "enlargement": ("The urinary bladder is markedly distended.", "Distended urinary bladder."),
     },
     "lung_left": {
@@ -152,7 +159,7 @@ POSITIVE_SENTENCES: dict[str, dict[str, tuple[str, ...]]] = {
                           "Calcified atherosclerotic plaques along the aorta."),
         "enlargement": ("Fusiform aneurysm of the infrarenal abdominal aorta measuring {size} mm in diameter.",
                         "Abdominal aortic aneurysm, maximal diameter {size} mm.",
-                        "Aneurysmal dilatation of the abdominal aorta to {size} mm."),
+                        "Aneurysmal dilatation of the abdominal aorta to {size} mm.", "Abdominal aortic aneurysm."),
     },
     "esophagus": {
         "enlargement": ("The esophagus is dilated with an air-fluid level.",
@@ -215,7 +222,7 @@ def _fmt(template: str, organ: str, f: Finding | None = None) -> str:
     depth = (f.details or {}).get("depth", 0.0) if f is not None else 0.0
     w["amount"] = "Small" if depth < 35 else "Moderate"
     w["amount_l"] = w["amount"].lower()
-    text = template.format(**w)
+    text = _ARTICLE.sub(lambda m: m.group(1) + "n ", template.format(**w))
     return text[0].upper() + text[1:]
 
 
@@ -252,7 +259,10 @@ def organ_sentences(organ: str, findings: list[Finding], rng: np.random.Generato
         pool = NORMAL_SENTENCES[organ] + tuple(_GENERIC_NORMAL)
         t = pool[int(rng.integers(len(pool)))]
         out.append(Sentence(organ, _fmt(t, organ), {}))
-    absent = [f for f in FINDINGS[organ] if f not in {p.finding for p in present}]
+    found = {p.finding for p in present}
+    # never negate a finding that excludes a present one ("normal size" beside atrophy)
+    blocked = set().union(*(g for g in EXCLUSIVE if g & found)) if found else set()
+    absent = [f for f in FINDINGS[organ] if f not in found and f not in blocked]
     if absent and rng.random() < 0.35:
         finding = absent[int(rng.integers(len(absent)))]
         t = NEGATIVE_SENTENCES[finding][int(rng.integers(len(NEGATIVE_SENTENCES[finding])))]
