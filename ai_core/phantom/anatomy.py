@@ -423,7 +423,9 @@ def render_slab(s: Slab, findings: list[Finding], ctx: dict) -> None:
     s.hu[thorax] = hu["fat"] + 10  # mediastinal fat; lungs and organs overwrite it
     if abdomen.any():
         t = ctx["bowel"](x[abdomen], y[abdomen], z[abdomen])
+        # bowel loops: a wall around fluid content, gas in the widest parts; mesenteric fat between
         v = np.where(t > 0.25, hu["bowel"], hu["fat"] + 10).astype(np.float32)
+        v[t > 0.65] = hu["bowel"] - 22.0
         v[t > 1.5] = hu["gas"]
         s.hu[abdomen] = v
     ctx["cavity"] = cavity
@@ -459,8 +461,11 @@ def render_slab(s: Slab, findings: list[Finding], ctx: dict) -> None:
         s, Union([p.scaled((p.radii - 5.0) / p.radii) for p in st.parts]), lab["stomach"], 15.0,
         an.extras["stomach_fill"],
     )
-    _paint_organ(s, "pancreas", an.organs["pancreas"], hu["pancreas"], below)
+    pan = an.organs["pancreas"]
+    _fill(s, Tube(pan.points, pan.radii + 5.0), hu["fat"] + 15, within=below, label_only=0)  # peripancreatic fat
+    _paint_organ(s, "pancreas", pan, hu["pancreas"], below)
     for side in ("kidney_left", "kidney_right"):
+        _fill(s, an.organs[side].scaled(1.35), hu["fat"], within=below, label_only=0)  # perirenal fat
         _paint_organ(s, side, an.organs[side], hu["kidney"], below)
         sinus = an.extras[f"{side}_sinus"]
         bx = s.box(sinus)
