@@ -80,10 +80,11 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
-def test_objects_validate_with_dciodvfy_and_dsrdump(tmp_path):
+@pytest.mark.parametrize("parallel", [True, False])
+def test_objects_validate_with_dciodvfy_and_dsrdump(tmp_path, parallel):
     volume = _phantom(tmp_path)
     labels, values = _labels()
-    paths = write_results(encode_results(_result(volume, labels, values)), tmp_path / "out")
+    paths = write_results(encode_results(_result(volume, labels, values), parallel=parallel), tmp_path / "out")
     assert set(paths) == {"seg", "sr", "sc"}
     for kind, path in paths.items():
         assert _dciodvfy_errors(path) == [], f"dciodvfy errors in the {kind}"
@@ -263,3 +264,40 @@ def test_results_join_the_original_study_in_orthanc(tmp_path):
         modalities = sorted(s["MainDicomTags"].get("Modality") for s in series)
         assert modalities == ["CT", "OT", "SEG", "SR"]
         assert len({s["ParentStudy"] for s in series}) == 1
+
+
+def test_errors_name_the_cause_also_from_the_forked_sr(tmp_path):
+    volume = _phantom(tmp_path)
+    labels, values = _labels()
+    result = _result(volume, labels, values)
+    result.findings.append(FindingResult("liver", "nonsense", "present", 0.5))
+    with pytest.raises(ValueError, match="nonsense"):
+        encode_results(result)
+    result.findings.pop()
+    result.findings.append(FindingResult("liver", "cyst", "present", 1.7))
+    with pytest.raises(ValueError, match="outside 0..1"):
+        encode_results(result)
+    with pytest.raises(ValueError, match="unknown result kind"):
+        encode_results(result, kinds=("seg", "pdf"))
+    result.findings.pop()
+    result.refused = "slices are not equally spaced"
+    with pytest.raises(ValueError, match="not equally spaced"):
+        encode_results(result)
+
+
+def test_sr_alone_brings_its_seg_and_no_organ_means_no_seg(tmp_path):
+    volume = _phantom(tmp_path)
+    labels, values = _labels()
+    result = _result(volume, labels, values)
+    objects = encode_results(result, kinds=("sr",))
+    assert set(objects) == {"seg", "sr"}
+    ref = objects["sr"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert objects["seg"].SOPInstanceUID in {i.ReferencedSOPInstanceUID for s in ref for i in s.ReferencedSOPSequence}
+    # Nothing segmented: no SEG, and the SR still reports every finding (TID 1501 groups).
+    empty = _result(volume, np.zeros_like(labels), values)
+    objects = encode_results(empty, kinds=("seg", "sr"))
+    assert set(objects) == {"sr"}
+    path = write_results(objects, tmp_path / "out")["sr"]
+    report = hd.sr.srread(path).content
+    assert len(report.get_image_measurement_groups()) == len(empty.findings)
+    assert _dciodvfy_errors(path) == []

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from ai_core.encode.common import Device, LabelIndex, check_sources, read_headers
+from ai_core.encode.parallel import Forked
 from ai_core.result import AnalysisResult
 
 logger = logging.getLogger(__name__)
@@ -33,39 +34,57 @@ def encode_results(
     device_name: str = "ct-vlp-dicom-node",
     predecessor_sr: Dataset | None = None,
     sources: list[Dataset] | None = None,
+    parallel: bool = True,
 ) -> dict[str, Dataset]:
-    """Build the requested result objects; keys are the kinds built ("sr" brings "seg" along)."""
+    """Build the requested result objects; keys are the kinds built ("sr" brings "seg" along).
+
+    ``sources``: headers of ``result.source_files`` if the caller has them (else they are read).
+    ``parallel``: build the SR in a forked child while this process builds the SEG and SC (the
+    SR then comes back as a plain pydicom Dataset read from its encoded bytes).
+    """
+    import highdicom as hd
+
     from ai_core.encode.sc import build_sc
-    from ai_core.encode.seg import build_seg, plan_segments
+    from ai_core.encode.seg import build_seg, plan_segments, seg_reference
     from ai_core.encode.sr import build_sr
 
     wanted = set(kinds)
     unknown = wanted - set(KINDS)
     if unknown:
         raise ValueError(f"unknown result kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    if "sr" in wanted:
+        wanted.add("seg")
     t0 = time.perf_counter()
     sources = sources if sources is not None else read_headers(result.source_files)
     check_sources(result, sources)
     device = Device(name=device_name)
     index = LabelIndex(result.labels) if result.labels is not None else None
-    t_read = time.perf_counter()
-    out: dict[str, Dataset] = {}
-    if "seg" in wanted or "sr" in wanted:
-        segments = plan_segments(result, index)
-        seg = build_seg(result, sources, index=index, segments=segments, device=device)
-        if seg is not None:
-            out["seg"] = seg
-    t_seg = time.perf_counter()
+    segments = plan_segments(result, index) if "seg" in wanted else []
+    seg_uids = (hd.UID(), hd.UID())  # known up front, so the SR can reference the SEG meanwhile
+    seg_ref = seg_reference(result.study_instance_uid, *seg_uids) if segments else None
+    t_prep = time.perf_counter()
+    sr_job = None
     if "sr" in wanted:
-        out["sr"] = build_sr(result, sources, seg=out.get("seg"), segments=segments if "seg" in out else (),
-                             index=index, device=device, predecessor=predecessor_sr)
-    t_sr = time.perf_counter()
+        sr_kwargs = dict(result=result, sources=sources, seg=seg_ref, segments=segments, index=index,
+                         device=device, predecessor=predecessor_sr)
+        sr_job = Forked(build_sr, **sr_kwargs) if parallel else None
+        sr_inline = None if parallel else build_sr(**sr_kwargs)
+    out: dict[str, Dataset] = {}
+    if segments:
+        seg = build_seg(result, sources, index=index, segments=segments, device=device,
+                        series_instance_uid=seg_uids[0], sop_instance_uid=seg_uids[1])
+        assert seg is not None
+        out["seg"] = seg
+    t_seg = time.perf_counter()
     if "sc" in wanted:
         out["sc"] = build_sc(result, sources, index=index, device=device)
     t_sc = time.perf_counter()
-    logger.info("encoded %s for series %s in %.2f s (headers %.2f, SEG %.2f, SR %.2f, SC %.2f)",
-                "+".join(out), result.series_instance_uid, t_sc - t0, t_read - t0, t_seg - t_read,
-                t_sr - t_seg, t_sc - t_sr)
+    if "sr" in wanted:
+        out["sr"] = sr_job.result() if sr_job is not None else sr_inline
+    t_sr = time.perf_counter()
+    logger.info("encoded %s for series %s in %.2f s (prepare %.2f, SEG %.2f, SC %.2f, SR wait %.2f)",
+                "+".join(sorted(out)), result.series_instance_uid, t_sr - t0, t_prep - t0, t_seg - t_prep,
+                t_sc - t_seg, t_sr - t_sc)
     return out
 
 

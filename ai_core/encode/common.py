@@ -27,21 +27,6 @@ NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 # Series numbers of the result series, offset from the source series so they sort beside it.
 SERIES_NUMBER_OFFSET = {"seg": 1000, "sr": 2000, "sc": 3000}
 
-# Attributes the encoders read from the source images; everything else stays on disk.
-_HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber",
-    "FrameOfReferenceUID", "Modality", "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
-    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-    "StudyDescription", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
-    "SliceThickness", "Rows", "Columns", "SpecificCharacterSet", "PatientAge",
-    "PositionReferenceIndicator", "ImageType", "SamplesPerPixel", "PhotometricInterpretation",
-    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "NumberOfFrames",
-    "InstanceNumber", "SpacingBetweenSlices", "PatientPosition", "Manufacturer",
-    "InstitutionName", "BodyPartExamined", "OtherPatientIDsSequence", "IssuerOfPatientID",
-    "PatientWeight", "PatientSize", "EthnicGroup", "PatientComments", "ClinicalTrialSponsorName",
-]
-
-
 @dataclass(frozen=True)
 class Device:
     """The node as the creator of result objects (SEG/SR/SC equipment and SR observer)."""
@@ -114,7 +99,7 @@ def laterality_word(organ: Organ) -> str:
 
 def read_headers(paths: Sequence[Path]) -> list[Dataset]:
     """Source image headers without pixel data (the encoders never need the source pixels here)."""
-    return [pydicom.dcmread(p, stop_before_pixels=True, specific_tags=_HEADER_TAGS) for p in paths]
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
 
 
 def check_sources(result: AnalysisResult, sources: Sequence[Dataset]) -> None:

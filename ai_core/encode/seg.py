@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+import pydicom.uid
 import numpy as np
 from pydicom.dataset import Dataset
 
@@ -141,3 +142,16 @@ def build_seg(
     logger.debug("SEG %s: %d segments, %d frames on %d slices", seg.SOPInstanceUID, len(segments),
                  int(seg.NumberOfFrames), len(keep))
     return seg
+
+
+def seg_reference(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
+    """The identity of a SEG that is being built (UIDs only), so that the SR can reference it meanwhile.
+
+    It is what an SR needs of the SEG: to reference its segments and list it as evidence.
+    """
+    ref = Dataset()
+    ref.StudyInstanceUID = study_instance_uid
+    ref.SeriesInstanceUID = series_instance_uid
+    ref.SOPClassUID = pydicom.uid.SegmentationStorage
+    ref.SOPInstanceUID = sop_instance_uid
+    return ref

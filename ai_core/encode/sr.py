@@ -111,11 +111,9 @@ def tracking_text(f: FindingResult) -> str:
 
 
 def _alg(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 Algorithm Identification of a model."""
+    """TID 4019 Algorithm Identification of a model (name, version, family)."""
     return hd.sr.AlgorithmIdentification(
-        name=model.name[:64], version=model.version[:64], family=codes.cid7162.ArtificialIntelligence,
-        parameters=[f"spec_hash={model.spec_hash}"] if model.spec_hash else None,
-    )
+        name=model.name[:64], version=model.version[:64], family=codes.cid7162.ArtificialIntelligence)
 
 
 def _finding_site(organ_key: str) -> hd.sr.FindingSite:
@@ -311,15 +309,16 @@ def _finding_groups(f: FindingResult, organ: OrganResult | None, point: _Point, 
         finding_type=finding_code,
         finding_sites=[_finding_site(f.organ)],
         measurements=point_measurements or None,
-        algorithm_id=_alg(result.model),
+        # No TID 4019 here: the volumetric group with the same tracking UID names the algorithm.
     )
     measurements = []
     if has_p:
         measurements.append(hd.sr.Measurement(name=code_of(PROBABILITY), value=float(f.probability),
                                               unit=code_of(UNITY)))
     if volume_ml is not None and segment_number is not None:
+        # Measured on the referenced segment, whose SEG names the segmentation algorithm.
         measurements.append(hd.sr.Measurement(name=code_of(VOLUME), value=round(volume_ml, 1),
-                                              unit=code_of(MILLILITRE), algorithm_id=_alg(result.segmenter)))
+                                              unit=code_of(MILLILITRE)))
     common = dict(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=text),
         finding_type=code_of(finding_entry(f.finding).code),
