@@ -19,7 +19,7 @@ import numpy as np
 import pydicom.uid
 import SimpleITK as sitk
 
-from ai_core.phantom.anatomy import FOV_MM, Grid, Slab, render_slab, sample_anatomy
+from ai_core.phantom.anatomy import FOV_CENTER, FOV_MM, Grid, Slab, render_slab, sample_anatomy
 from ai_core.phantom.findings import (
     FINDINGS,
     ORGAN_LABELS,
@@ -122,7 +122,9 @@ def generate_case(
         pairs = random_pairs(np.random.default_rng([cseed, 0]))
     position = PATIENT_POSITIONS.get(orientation, "HFS")
     an = sample_anatomy(cseed, pairs, prone=position in ("HFP", "FFP"))
-    grid = Grid.covering(spacing, size, ORIENTATIONS[orientation])
+    # the patient is not always centred in the field of view
+    shift = np.random.default_rng([cseed, 6]).uniform(-1.0, 1.0, 3) * np.array([10.0, 10.0, 15.0])
+    grid = Grid.covering(spacing, size, ORIENTATIONS[orientation], center=FOV_CENTER + shift)
 
     rng = np.random.default_rng([cseed, 3])
     lo, hi = -FOV_MM / 2 - 80.0, FOV_MM / 2 + 80.0
@@ -265,7 +267,10 @@ def write_case(
     series_subdir: str = "series",
     patient_id: str | None = None,
 ) -> Path:
-    """Write ``series/`` (DICOM), ``labels.nii.gz`` and ``truth.json`` into ``out_dir``; returns truth.json's path."""
+    """Write ``series/`` (DICOM), ``labels.nii.gz``, ``report.txt`` and ``truth.json`` into ``out_dir``.
+
+    Returns the path of truth.json; its ``series_dir`` and ``label_map`` are relative to it.
+    """
     out_dir = Path(out_dir)
     series_dir = out_dir / series_subdir
     series_dir.mkdir(parents=True, exist_ok=True)
@@ -294,6 +299,7 @@ def write_case(
         "slice_order": slice_order,
         "transfer_syntax": str(pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID),
     })
+    (out_dir / "report.txt").write_text(case.report)
     path = out_dir / "truth.json"
     path.write_text(json.dumps(truth, indent=2))
     return path
