@@ -204,8 +204,12 @@ def test_sr_round_trip_finds_every_finding(tmp_path, strict_reading):
         col, row = region.value[0]
         assert labels[k, int(row), int(col)] == values[f.organ], "the point must lie inside the organ"
         if f.decision != "not evaluated":
-            named = planar[0].get_measurements(name=finding_probability_concept(f.finding))
+            named = planar[0].get_measurements(name=finding_probability_concept(f.finding, f.organ))
             assert len(named) == 1 and named[0].value == pytest.approx(f.probability)
+            meaning = named[0].name.meaning.lower()  # what OHIF prints before the value
+            assert finding.code.meaning.lower() in meaning
+            if organ.laterality is not None:
+                assert organ.laterality.meaning.lower() in meaning
 
 
 def _site_matches(group, organ) -> bool:

@@ -22,10 +22,13 @@ lines: "<concept meaning of each NUM>: <value to 2 decimals> <unit code>" for ev
 merged groups in document order, then "363698007: <finding site meaning>". It shows neither the
 Finding code, the presence nor the tracking identifier. So the point group comes first and its
 NUM's concept *names the finding*: a code of the node's private coding scheme 99CTVLP (declared
-in the Coding Scheme Identification Sequence), meaning "Probability of <finding>" (TID 1410
-row "$Measurement" is extensible, private coding schemes are allowed by PS3.3 8.2). OHIF then
-reads e.g. "Probability of cyst: 0.87 1 / Probability: 0.87 1 / Volume: 152.00 mL /
-363698007: Kidney". The volumetric group keeps the standard concept for other consumers.
+in the Coding Scheme Identification Sequence), meaning "Probability of <finding's SNOMED CT
+meaning> (<side>)" (the measurement concept of TID 1410 is extensible, and private coding
+schemes are allowed by PS3.3 8.2). The side is there because OHIF drops the finding site's
+laterality. OHIF then reads e.g. "Probability of cyst (left): 0.93 1 / Probability: 0.93 1 /
+Volume: 152.00 mL / 363698007: Kidney". The volumetric group keeps the standard concept
+(DCM 122157) for every other consumer. dciodvfy warns that 99CTVLP is not a defined term (it
+is private by construction); it reports no error.
 Not-evaluated organs without any mask get a SCOORD3D point at the centre of the scanned volume:
 OHIF neither crashes nor draws an arrow for it.
 """
@@ -52,6 +55,7 @@ from ai_core.encode.common import (
     SliceLocator,
     code_of,
     finding_entry,
+    laterality_word,
     organ_entry,
     series_description,
     series_number,
@@ -90,11 +94,19 @@ _PRIVATE_VALUES = {
 }
 
 
-def finding_probability_concept(finding: str) -> Code:
-    """The private concept 'Probability of <finding>' that names the finding in OHIF's label."""
-    entry = finding_entry(finding)
-    value = _PRIVATE_VALUES.get(finding, ("P-" + finding.upper())[:16])
-    return Code(value, PRIVATE_SCHEME, f"Probability of {entry.display_name.lower()}")
+def finding_probability_concept(finding: str, organ: str) -> Code:
+    """The private concept 'Probability of <finding> (<side>)' that names the finding in OHIF's label.
+
+    The finding is named by its SNOMED CT meaning (as in the group's Finding item); paired organs
+    add the side, because OHIF shows the finding site's meaning ("Kidney") without its laterality.
+    """
+    meaning = finding_entry(finding).code.meaning
+    value = _PRIVATE_VALUES.get(finding, ("P-" + finding.upper())[:14])
+    side = laterality_word(organ_entry(organ))
+    text = f"Probability of {meaning[:1].lower()}{meaning[1:]}"
+    if side:
+        return Code(f"{value}-{side[0].upper()}", PRIVATE_SCHEME, f"{text} ({side})")
+    return Code(value, PRIVATE_SCHEME, text)
 
 
 def tracking_text(f: FindingResult) -> str:
@@ -301,7 +313,7 @@ def _finding_groups(f: FindingResult, organ: OrganResult | None, point: _Point, 
     point_measurements = []
     if has_p:
         point_measurements.append(hd.sr.Measurement(
-            name=code_of(finding_probability_concept(f.finding)), value=float(f.probability),
+            name=code_of(finding_probability_concept(f.finding, f.organ)), value=float(f.probability),
             unit=code_of(UNITY)))
     point_group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=text),
