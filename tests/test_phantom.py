@@ -258,10 +258,13 @@ def test_cli_writes_a_case(tmp_path):
     out = tmp_path / "case"
     rc = main(["phantom", "--seed", "4", "--out", str(out), "--spacing", "8", "8", "12",
                "--orientation", "FFS", "--slice-order", "shuffled", "--finding", "liver:cyst",
-               "--finding", "aorta:enlargement", "--transfer-syntax", "rle"])
+               "kidney_left:lesion", "--finding", "aorta:enlargement", "--transfer-syntax", "rle"])
     assert rc == 0
     truth = json.loads((out / "truth.json").read_text())
     assert truth["findings"]["aorta"]["enlargement"]["present"]
+    assert truth["findings"]["kidney_left"]["lesion"]["present"] and truth["findings"]["liver"]["cyst"]["present"]
+    assert not truth["findings"]["liver"]["lesion"]["present"]
+    assert (out / "report.txt").read_text() == truth["report"]
     assert truth["patient_position"] == "FFS"
     files = list((out / "series").glob("*.dcm"))
     assert len(files) == truth["files"] > 0

@@ -11,8 +11,8 @@ _ORIENTATIONS = ("HFS", "FFS", "HFP", "FFP", "sagittal", "coronal", "oblique")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--seed", type=int, required=True, help="case seed (same seed, same case)")
-    parser.add_argument("--out", required=True, help="output directory (created)")
+    parser.add_argument("--seed", type=int, default=None, help="case seed (same seed, same case); required")
+    parser.add_argument("--out", default=None, help="output directory (created); required")
     parser.add_argument("--orientation", choices=_ORIENTATIONS, default="HFS",
                         help="patient position of an axial series, or a sagittal/coronal/oblique stack (default HFS)")
     parser.add_argument("--slice-order", choices=("ascending", "descending", "shuffled"), default="ascending",
@@ -23,9 +23,9 @@ def add_arguments(parser) -> None:
                         help="voxels per axis (default: cover a 384 x 384 x 420 mm chest-abdomen field of view)")
     parser.add_argument("--slice-thickness", type=float, default=None,
                         help="Slice Thickness to record (default: the slice spacing)")
-    parser.add_argument("--finding", action="append", default=None, metavar="ORGAN:FINDING",
-                        help="place this finding (repeatable); without it findings are drawn from the seed; "
-                        "'--finding none' places none")
+    parser.add_argument("--finding", "--findings", action="extend", nargs="+", default=None, metavar="ORGAN:FINDING",
+                        help="place these findings (repeatable, or several after one flag); without it findings are "
+                        "drawn from the seed; '--finding none' places none")
     parser.add_argument("--balanced-index", type=int, default=None,
                         help="write case I of the balanced evaluation set SEED instead")
     parser.add_argument("--transfer-syntax", default="explicit",
@@ -60,6 +60,8 @@ def run(args) -> int:
         for organ, findings in FINDINGS.items():
             print(f"{organ}: {', '.join(findings) if findings else '(none)'}")
         return 0
+    if args.seed is None or args.out is None:
+        raise UserError("--seed N and --out DIR are required (e.g. dicom-node phantom --seed 1 --out case1)")
     pairs = _parse_findings(args.finding)
     try:
         if pairs is not None:
