@@ -238,7 +238,7 @@ def test_training_resolution_is_fast():
     case = generate_case(9, spacing=TRAINING_SPACING)
     elapsed = time.perf_counter() - t0
     assert case.image.GetSize() == (128, 128, 93)
-    assert elapsed < 2.0, f"a training-resolution case took {elapsed:.2f} s"
+    assert elapsed < 3.0, f"a training-resolution case took {elapsed:.2f} s (about 0.3 s on an idle core)"
 
 
 def test_prompts_and_dictionary_cover_every_pair():
