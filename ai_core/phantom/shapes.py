@@ -35,6 +35,9 @@ class Shape:
         raise NotImplementedError
 
 
+_BUMP_MAX = np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 1.0, 2.0])
+
+
 @dataclass
 class Ellipsoid(Shape):
     """A rotated ellipsoid with smooth low-order bumps ("lumps") on its surface."""
@@ -49,12 +52,17 @@ class Ellipsoid(Shape):
         self.radii = np.asarray(self.radii, dtype=float)
         self.lumps = np.asarray(self.lumps, dtype=float)
 
+    @property
+    def bump_bound(self) -> float:
+        """Upper bound of |bump term| (the maxima of the basis functions are 1, 1/2 and 2)."""
+        return float(np.abs(self.lumps) @ _BUMP_MAX)
+
     def scaled(self, factor: float | np.ndarray) -> Ellipsoid:
         """The same ellipsoid with radii multiplied by ``factor``."""
         return Ellipsoid(self.center, self.radii * factor, self.rot, self.lumps)
 
     def bbox(self) -> Box:
-        reach = 1.0 + float(np.abs(self.lumps).sum())
+        reach = 1.0 + self.bump_bound
         half = np.abs(self.rot) @ (self.radii * reach)
         return self.center - half, self.center + half
 
@@ -71,7 +79,9 @@ class Ellipsoid(Shape):
 
     def level(self, x, y, z) -> np.ndarray:
         """Normalised radius divided by the bumpy surface radius: <= 1 inside."""
-        u, v, w = self.local(x, y, z)
+        return self._level(*self.local(x, y, z))
+
+    def _level(self, u, v, w) -> np.ndarray:
         rr = np.sqrt(u * u + v * v + w * w) + 1e-6
         if not self.lumps.any():
             return rr
@@ -84,7 +94,16 @@ class Ellipsoid(Shape):
         return rr / surf
 
     def inside(self, x, y, z) -> np.ndarray:
-        return self.level(x, y, z) <= 1.0
+        u, v, w = self.local(x, y, z)
+        r2 = u * u + v * v + w * w
+        reach = self.bump_bound
+        if reach == 0.0:
+            return r2 <= 1.0
+        # only the shell where the bumps can decide needs the full level
+        out = r2 <= max(1.0 - reach, 0.0) ** 2
+        band = ~out & (r2 <= (1.0 + reach) ** 2)
+        out[band] = self._level(u[band], v[band], w[band]) <= 1.0
+        return out
 
 
 @dataclass
