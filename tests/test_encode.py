@@ -158,6 +158,7 @@ def test_sr_round_trip_finds_every_finding(tmp_path, strict_reading):
     report = sr.content
     number_of = {d.segment_label: d.segment_number for d in seg.SegmentSequence}
     source_uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in volume.files]
+    slices_used: dict[str, list[int]] = {}
 
     for f in result.findings:
         organ, finding = ORGANS[f.organ], FINDINGS[f.finding]
@@ -194,22 +195,27 @@ def test_sr_round_trip_finds_every_finding(tmp_path, strict_reading):
         assert len(planar) == 1
         region = planar[0].roi
         assert region.graphic_type.value == "POINT"
-        if f.organ == "urinary_bladder":  # no mask to point at: a 3D point in the frame of reference
+        if f.decision == "not evaluated":  # nothing for OHIF to draw: a 3D point at the organ
             assert isinstance(region, hd.sr.ImageRegion3D)
             assert region.frame_of_reference_uid == volume.frame_of_reference_uid
+            if f.organ in values:
+                idx = volume.image.TransformPhysicalPointToIndex([float(v) for v in region.value[0]])
+                assert labels[idx[2], idx[1], idx[0]] == values[f.organ]
             continue
         assert isinstance(region, hd.sr.ImageRegion)
-        k = source_uids.index(region[0].referenced_sop_instance_uid if isinstance(region, list)
-                              else region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        k = source_uids.index(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         col, row = region.value[0]
         assert labels[k, int(row), int(col)] == values[f.organ], "the point must lie inside the organ"
-        if f.decision != "not evaluated":
-            named = planar[0].get_measurements(name=finding_probability_concept(f.finding, f.organ))
-            assert len(named) == 1 and named[0].value == pytest.approx(f.probability)
-            meaning = named[0].name.meaning.lower()  # what OHIF prints before the value
-            assert finding.code.meaning.lower() in meaning
-            if organ.laterality is not None:
-                assert organ.laterality.meaning.lower() in meaning
+        slices_used.setdefault(f.organ, []).append(k)
+        named = planar[0].get_measurements(name=finding_probability_concept(f.finding, f.organ))
+        assert len(named) == 1 and named[0].value == pytest.approx(f.probability)
+        meaning = named[0].name.meaning.lower()  # what OHIF prints before the value
+        assert finding.code.meaning.lower() in meaning
+        if organ.laterality is not None:
+            assert organ.laterality.meaning.lower() in meaning
+    # Findings of one organ point at different slices, so their labels do not pile up in OHIF.
+    assert len(slices_used["liver"]) == 2
+    assert len(set(slices_used["liver"])) == 2
 
 
 def _site_matches(group, organ) -> bool:

@@ -131,6 +131,10 @@ class OrganGeometry:
     row: int
     col: int
     bbox: tuple[slice, slice, slice]  # bounding box in (slice, row, column)
+    voxels: int = 0
+    # Slices through the organ, nearest the centroid first, large cross-sections only (>= 30 % of
+    # the largest): where further findings of the organ are pointed at, one slice each.
+    slices: tuple[int, ...] = ()
 
 
 class LabelIndex:
@@ -185,14 +189,28 @@ class LabelIndex:
             return None
         z = int(np.clip(round(float((per_slice * np.arange(len(per_slice))).sum() / voxels)),
                         0, len(per_slice) - 1))
+        occupied = np.flatnonzero(per_slice)
         if per_slice[z] == 0:  # the centroid falls in a gap of a split organ: nearest occupied slice
-            occupied = np.flatnonzero(per_slice)
             z = int(occupied[np.argmin(np.abs(occupied - z))])
-        rr, cc = np.nonzero(mask[z])
-        # The mask pixel nearest the slice centroid, so the point lies inside concave organs too.
+        large = occupied[per_slice[occupied] >= 0.3 * per_slice.max()]
+        order = large[np.argsort(np.abs(large - z), kind="stable")]
+        row, col = self._inner_pixel(mask[z])
+        return OrganGeometry(label, box[0].start + z, box[1].start + row, box[2].start + col, box, voxels,
+                             tuple(int(box[0].start + k) for k in order))
+
+    def point_on_slice(self, label: int, k: int) -> tuple[int, int] | None:
+        """(row, column) of a pixel of the label on slice k near its cross-section's centre."""
+        mask = self.labels[k] == label
+        if not mask.any():
+            return None
+        return self._inner_pixel(mask)
+
+    @staticmethod
+    def _inner_pixel(mask2d: np.ndarray) -> tuple[int, int]:
+        # The mask pixel nearest the cross-section's centroid: inside concave organs too.
+        rr, cc = np.nonzero(mask2d)
         i = int(np.argmin((rr - rr.mean()) ** 2 + (cc - cc.mean()) ** 2))
-        return OrganGeometry(label, box[0].start + z, box[1].start + int(rr[i]), box[2].start + int(cc[i]),
-                             box)
+        return int(rr[i]), int(cc[i])
 
 
 class SliceLocator:

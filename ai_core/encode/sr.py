@@ -3,9 +3,12 @@
 Every (organ, finding) of the result becomes one tracked finding (its own Tracking Unique
 Identifier) made of two measurement groups that share that UID:
 
-1. a **2D point group** (TID 1410, SCOORD POINT on one source CT slice: the finding's location
-   when the model gives one, else the slice through the organ's centroid) carrying the
-   probability under a finding-specific concept, and
+1. a **point group** (TID 1410) carrying the probability under a finding-specific concept: a
+   2D SCOORD POINT on one source CT slice (the finding's location when the model gives one,
+   else a pixel inside the organ, each finding of an organ on its own slice near the organ's
+   centroid) when the finding has a probability; a SCOORD3D POINT at the organ's centre when
+   it was not evaluated, and
+
 2. a **volumetric group** (TID 1411) that references the organ's SEG segment through the source
    series, with the finding (121071), the finding site (363698007) with laterality, the
    probability, the organ volume, the presence (present/absent/undetermined) and the algorithm
@@ -29,8 +32,9 @@ laterality. OHIF then reads e.g. "Probability of cyst (left): 0.93 1 / Probabili
 Volume: 152.00 mL / 363698007: Kidney". The volumetric group keeps the standard concept
 (DCM 122157) for every other consumer. dciodvfy warns that 99CTVLP is not a defined term (it
 is private by construction); it reports no error.
-Not-evaluated organs without any mask get a SCOORD3D point at the centre of the scanned volume:
-OHIF neither crashes nor draws an arrow for it.
+Findings that were not evaluated, and organs without findings, get a SCOORD3D point instead
+(the organ's centre, or the centre of the scanned volume when there is no mask): OHIF neither
+crashes nor draws an arrow for them, so its arrows are exactly the findings with a probability.
 """
 
 from __future__ import annotations
@@ -177,7 +181,6 @@ def build_sr(
     locator = SliceLocator(sources)
     segment_of = {s.organ: s.segment_number for s in segments}
     geometry: dict[str, OrganGeometry] = {}
-    voxel_counts: dict[str, int] = {}
     for o in result.organs:
         if index is not None and o.label > 0:
             g = index.geometry(o.label)
@@ -186,15 +189,13 @@ def build_sr(
     voxel_ml = _voxel_volume_ml(sources, locator)
 
     findings = _ordered_findings(result)
+    points = _assign_points(findings, geometry, index, locator)
     groups: list = []
     referenced: dict[str, Dataset] = {}
-    for f in findings:
+    for i, f in enumerate(findings):
         organ = result.organ(f.organ)
-        point = _point_for(f, geometry.get(f.organ), locator)
-        groups.extend(_finding_groups(f, organ, point, result, sources, seg, segment_of.get(f.organ),
-                                      _organ_volume(organ, geometry.get(f.organ), index, voxel_ml,
-                                                    voxel_counts),
-                                      referenced))
+        groups.extend(_finding_groups(f, organ, points[i], result, sources, seg, segment_of.get(f.organ),
+                                      _organ_volume(organ, geometry.get(f.organ), voxel_ml), referenced))
     # Segmented organs without any finding still report their volume.
     with_findings = {f.organ for f in findings}
     for o in result.organs:
@@ -202,7 +203,7 @@ def build_sr(
             continue
         g = geometry[o.organ]
         groups.extend(_organ_only_groups(o, g, result, sources, seg, segment_of[o.organ],
-                                         _organ_volume(o, g, index, voxel_ml, voxel_counts), referenced))
+                                         _organ_volume(o, g, voxel_ml), locator, referenced))
     if not groups:
         raise ValueError("no finding could be encoded")
 
@@ -258,33 +259,62 @@ def _ordered_findings(result: AnalysisResult) -> list[FindingResult]:
     return sorted(result.findings, key=lambda f: (organ_order[f.organ], finding_order[f.finding]))
 
 
-def _organ_volume(organ: OrganResult | None, g: OrganGeometry | None, index: LabelIndex | None,
-                  voxel_ml: float, cache: dict[str, int]) -> float | None:
+def _organ_volume(organ: OrganResult | None, g: OrganGeometry | None, voxel_ml: float) -> float | None:
     """Organ volume in mL: the pipeline's value, else counted from the mask."""
     if organ is None:
         return None
     if organ.volume_ml is not None:
         return float(organ.volume_ml)
-    if g is None or index is None:
-        return None
-    if organ.organ not in cache:
-        cache[organ.organ] = int(np.count_nonzero(index.labels[g.bbox] == g.label))
-    return cache[organ.organ] * voxel_ml
+    return g.voxels * voxel_ml if g is not None else None
 
 
-def _point_for(f: FindingResult, g: OrganGeometry | None, locator: SliceLocator) -> _Point:
-    """The finding's own point when it lies on the images, else the organ's centroid slice."""
-    if f.point_lps is not None:
-        hit = locator.locate(f.point_lps)
-        if hit is not None:
-            return _Point(hit[0], hit[1], hit[2])
-        logger.warning("point of %s/%s lies outside the images; using the organ centroid",
-                       f.organ, f.finding)
-    if g is not None:
-        return _Point(g.slice_index, float(g.row), float(g.col))
-    # No mask and no point: the centre of the scanned volume, as a 3D point (see module docstring).
+def _volume_centre(locator: SliceLocator) -> _Point:
     k = len(locator.offsets) // 2
     return _Point(lps=locator.to_lps(k, (locator.rows - 1) / 2, (locator.cols - 1) / 2))
+
+
+def _assign_points(findings: Sequence[FindingResult], geometry: dict[str, OrganGeometry],
+                   index: LabelIndex | None, locator: SliceLocator) -> list[_Point]:
+    """Where each finding's point group points (one entry per finding, in order).
+
+    Findings with a probability get a 2D point OHIF draws: the model's own point when it lies
+    on the images, else a pixel inside the organ, each finding of an organ on its own slice
+    (nearest the organ's centroid first; present findings first) so that their labels do not
+    pile up. Findings without a probability (not evaluated) get a 3D point at the organ's
+    centre, or at the centre of the scanned volume when there is no mask: OHIF draws nothing
+    for them, and they carry nothing to read.
+    """
+    out: list[_Point | None] = [None] * len(findings)
+    by_organ: dict[str, list[int]] = {}
+    for i, f in enumerate(findings):
+        by_organ.setdefault(f.organ, []).append(i)
+    for organ_key, idxs in by_organ.items():
+        g = geometry.get(organ_key)
+        shown = [i for i in idxs if findings[i].decision != "not evaluated" and findings[i].probability is not None]
+        shown.sort(key=lambda i: (findings[i].decision != "present", -(findings[i].probability or 0.0)))
+        slot = 0
+        for i in shown:
+            f = findings[i]
+            if f.point_lps is not None:
+                hit = locator.locate(f.point_lps)
+                if hit is not None:
+                    out[i] = _Point(hit[0], hit[1], hit[2])
+                    continue
+                logger.warning("point of %s/%s lies outside the images; pointing at the organ",
+                               f.organ, f.finding)
+            if g is None or index is None:
+                out[i] = _volume_centre(locator)
+                continue
+            k = g.slices[slot % len(g.slices)] if g.slices else g.slice_index
+            slot += 1
+            rc = index.point_on_slice(g.label, k) if k != g.slice_index else (g.row, g.col)
+            out[i] = _Point(k, float(rc[0]), float(rc[1])) if rc else _Point(g.slice_index, float(g.row),
+                                                                                float(g.col))
+        for i in idxs:
+            if out[i] is None:
+                out[i] = (_Point(lps=locator.to_lps(g.slice_index, g.row, g.col)) if g is not None
+                          else _volume_centre(locator))
+    return out  # type: ignore[return-value]
 
 
 def _region(point: _Point, sources: Sequence[Dataset], referenced: dict[str, Dataset]):
@@ -355,9 +385,9 @@ def _finding_groups(f: FindingResult, organ: OrganResult | None, point: _Point, 
 
 
 def _organ_only_groups(o: OrganResult, g: OrganGeometry, result: AnalysisResult, sources: Sequence[Dataset],
-                       seg: Dataset, segment_number: int, volume_ml: float | None,
+                       seg: Dataset, segment_number: int, volume_ml: float | None, locator: SliceLocator,
                        referenced: dict[str, Dataset]) -> list:
-    """A segmented organ without findings: its volume, with a point so that OHIF can show it."""
+    """A segmented organ without findings: its volume, with a 3D point (OHIF needs one, draws none)."""
     uid = hd.UID()
     organ = organ_entry(o.organ)
     text = f"{organ.display_name} - organ (AI)"
@@ -365,7 +395,7 @@ def _organ_only_groups(o: OrganResult, g: OrganGeometry, result: AnalysisResult,
                               algorithm_id=_alg(result.segmenter))] if volume_ml is not None else None)
     point = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=text),
-        referenced_region=_region(_Point(g.slice_index, float(g.row), float(g.col)), sources, referenced),
+        referenced_region=_region(_Point(lps=locator.to_lps(g.slice_index, g.row, g.col)), sources, referenced),
         finding_sites=[_finding_site(o.organ)],
         algorithm_id=_alg(result.segmenter),
     )
