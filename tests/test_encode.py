@@ -12,7 +12,6 @@ import pydicom
 import pydicom.config
 import pytest
 import SimpleITK as sitk
-from pydicom.sr.codedict import codes
 
 from ai_core.catalogue import FINDINGS, ORGANS
 from ai_core.encode import encode_results, write_results

@@ -104,6 +104,15 @@ def _panel(hu: np.ndarray, mask: np.ndarray, point: tuple[float, float] | None, 
     return out
 
 
+def _fit(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+    """The text, cut with an ellipsis where it would overflow ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def _status_text(f: FindingResult) -> str:
     if f.decision == "not evaluated":
         return f"not evaluated: {f.reason or 'no reason given'}"
@@ -169,7 +178,7 @@ def render_summary(result: AnalysisResult, sources: Sequence[Dataset], index: La
         r, c = divmod(i, COLUMNS)
         x, y = c * PANEL, y0 + 26 + r * (PANEL + caption_h)
         canvas.paste(img, (x, y))
-        draw.text((x + 4, y + PANEL + 3), caption[:40], font=small, fill=TEXT)
+        draw.text((x + 4, y + PANEL + 3), _fit(caption, small, PANEL - 8), font=small, fill=TEXT)
     # Table of every (organ, finding).
     tx, ty = panel_area_w + 10, y0
     draw.text((tx, ty), "Organ", font=body, fill=TEXT)

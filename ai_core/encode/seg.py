@@ -1,8 +1,9 @@
 """The organ masks of an analysis as a binary DICOM Segmentation (highdicom), one segment per organ.
 
-Empty frames: only source slices that contain at least one segmented organ are handed to
-highdicom, and ``omit_empty_frames=True`` drops every (segment, slice) frame without pixels, so
-the SEG holds exactly one frame per organ per slice it touches. Each frame carries its own
+Empty frames: only source slices that contain a label are handed to highdicom (one cheap max
+per slice decides), and ``omit_empty_frames=True`` drops every (segment, slice) frame without
+pixels, so the SEG holds exactly one frame per organ per slice it touches: 300 slices with
+12 organs give ~1,000 frames instead of 3,600. Each frame carries its own
 Plane Position and a Derivation Image / Source Image reference to the CT slice it was drawn on,
 so viewers that place frames by position and viewers that follow per-frame references agree;
 slices without any organ simply have no frames (readers fill them with background).
@@ -15,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
-import pydicom.uid
 import numpy as np
+import pydicom.uid
 from pydicom.dataset import Dataset
 
 from ai_core.catalogue import ORGANS
