@@ -181,7 +181,10 @@ def _check_report(case):
     for f in case.findings:
         assert any(s.text in case.report for s in case.sentences if s.findings.get(f.finding) and s.organ == f.organ)
     for organ in case.organ_labels:
-        assert case.organ_sentences[organ], f"no sentence about {organ}"
+        if organ in case.organs_in_fov:
+            assert case.organ_sentences[organ], f"no sentence about {organ}"
+        else:
+            assert not case.organ_sentences.get(organ), f"{organ} is outside the image but reported"
     if not present:
         assert "IMPRESSION" in case.report
 
@@ -192,6 +195,21 @@ def test_reports_agree_with_ground_truth(seed):
     _check_report(case)
     case = generate_case(100 + seed, spacing=(8.0, 8.0, 12.0))
     _check_report(case)
+
+
+def test_small_field_of_view_reports_only_what_it_shows(tmp_path):
+    pairs = [("urinary_bladder", "calcification"), ("liver", "cyst")]
+    case = generate_case(12, spacing=(6.0, 6.0, 6.0), size=(64, 64, 12), findings=pairs)  # 72 mm of the abdomen
+    assert "urinary_bladder" not in case.organs_in_fov
+    assert "liver" in case.organs_in_fov and case.finding("liver", "cyst") is not None
+    _check_report(case)
+    assert "urinary bladder" not in case.report.lower() and "bladder stone" not in case.report.lower()
+    hidden = {(f.organ, f.finding) for f in case.hidden_findings}
+    assert ("urinary_bladder", "calcification") in hidden
+    truth = json.loads(write_case(case, tmp_path).read_text())
+    assert truth["organs"]["urinary_bladder"]["in_fov"] is False
+    entry = truth["findings"]["urinary_bladder"]["calcification"]
+    assert entry["present"] is False and entry["not_visible"] is True
 
 
 def test_balanced_set_has_every_finding_present_and_absent():

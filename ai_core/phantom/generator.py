@@ -64,11 +64,17 @@ class PhantomCase:
     series_uid: str = ""
     frame_of_reference_uid: str = ""
     organ_volumes_ml: dict[str, float] = field(default_factory=dict)
+    hidden_findings: list[Finding] = field(default_factory=list)  # placed but outside the image
     seconds: float = 0.0
 
     @property
+    def organs_in_fov(self) -> list[str]:
+        """Organs with at least one voxel in the image."""
+        return [o for o in self.organ_labels if self.organ_volumes_ml.get(o, 0.0) > 0]
+
+    @property
     def organ_sentences(self) -> dict[str, list[str]]:
-        """Report sentences per organ (every phantom organ has at least one)."""
+        """Report sentences per organ (every organ in the field of view has at least one)."""
         out: dict[str, list[str]] = {o: [] for o in self.organ_labels}
         for s in self.sentences:
             out.setdefault(s.organ, []).append(s.text)
@@ -174,14 +180,19 @@ def generate_case(
             ]
         f.details.pop("lumps", None)
         f.details.pop("rot", None)
-    report, sentences = build_report(placed, cseed)
+    # What the image does not show is not in the truth: organs outside the field of view are not
+    # reported, and a finding that changed no voxel (e.g. cut off by a small --size) is kept apart.
+    visible = [f for f in placed if f.voxels > 0]
+    hidden = [f for f in placed if f.voxels == 0]
+    in_fov = tuple(o for o in PHANTOM_ORGANS if volumes[o] > 0)
+    report, sentences = build_report(visible, cseed, organs=in_fov)
     uid = lambda kind: pydicom.uid.generate_uid(entropy_srcs=["phantom", kind, str(cseed), str(seed)])  # noqa: E731
     case = PhantomCase(
         seed=int(seed),
         image=image,
         labels=label_img,
         organ_labels=dict(ORGAN_LABELS),
-        findings=placed,
+        findings=visible,
         report=report,
         sentences=sentences,
         orientation=orientation,
@@ -190,6 +201,7 @@ def generate_case(
         series_uid=uid(f"series:{orientation}:{tuple(grid.spacing)}:{grid.size}"),
         frame_of_reference_uid=uid("for"),
         organ_volumes_ml=volumes,
+        hidden_findings=hidden,
         seconds=time.perf_counter() - t0,
     )
     log.debug("phantom %d (%s, %s voxels) in %.2f s", seed, orientation, grid.size, case.seconds)
@@ -228,6 +240,8 @@ def truth_dict(case: PhantomCase) -> dict:
         for finding in FINDINGS[organ]:
             f = present.get((organ, finding))
             entry: dict = {"present": f is not None}
+            if any(h.organ == organ and h.finding == finding for h in case.hidden_findings):
+                entry["not_visible"] = True  # placed, but outside the field of view
             if f is not None:
                 entry.update({k: v for k, v in f.to_dict().items() if k not in ("organ", "finding", "present")})
             findings[organ][finding] = entry
