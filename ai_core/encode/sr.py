@@ -70,19 +70,24 @@ from ai_core.result import AnalysisResult, FindingResult, ModelInfo, OrganResult
 
 logger = logging.getLogger(__name__)
 
-# Probability of a finding: (DCM 122157, "Probability"), PS3.16 Annex D (DICOM Controlled
-# Terminology). Unit: UCUM "1" ("no units"), the UCUM unit of unity for dimensionless
-# quantities, listed in CID 7181 "Abstract Multi-dimensional Image Model Component Units";
-# a probability is a pure number in [0, 1], not a ratio of two measured quantities ("{ratio}").
-PROBABILITY = Code("122157", "DCM", "Probability")
-UNITY = Code("1", "UCUM", "no units")
+# Probability of a finding: (122157, DCM, "Probability"), from the DICOM code table (PS3.16
+# Annex D; pydicom's codes.DCM.Probability). The specific concepts for probabilities are
+# site-specific ("Probability of cancer", DCM 111047, CID 6048) or method-bound
+# ("Bayesian-Probability", DCM 113270): the generic one fits a classifier's output. Unit: UCUM
+# "1" ("no units", codes.UCUM.NoUnits), the UCUM unit of unity for dimensionless quantities,
+# in CID 7181 "Abstract Multi-dimensional Image Model Component Units"; "{ratio}" (same CID)
+# would claim a ratio of two measured quantities, which a probability is not.
+PROBABILITY = codes.DCM.Probability
+UNITY = codes.UCUM.NoUnits
 MILLILITRE = Code("mL", "UCUM", "milliliter")
 VOLUME = codes.SCT.Volume  # (118565006, SCT, "Volume")
-# Presence as a qualitative evaluation: (DCM 121052, "Presence of property") with DCM values.
-PRESENCE = Code("121052", "DCM", "Presence of property")
-PRESENT = Code("121053", "DCM", "Present")
-ABSENT = Code("121054", "DCM", "Absent")
-UNDETERMINED = Code("121059", "DCM", "Presence Undetermined")
+# Presence as a qualitative evaluation: (121052, DCM, "Presence of property") valued (121053,
+# DCM, "Present"), (121054, DCM, "Absent") or (121059, DCM, "Presence Undetermined") for
+# findings that were not evaluated.
+PRESENCE = codes.DCM.PresenceOfProperty
+PRESENT = codes.DCM.Present
+ABSENT = codes.DCM.Absent
+UNDETERMINED = codes.DCM.PresenceUndetermined
 PRESENCE_VALUE = {"present": PRESENT, "absent": ABSENT, "not evaluated": UNDETERMINED}
 
 # The node's private coding scheme, for concepts DICOM has no code for (see module docstring).
