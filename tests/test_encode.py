@@ -310,3 +310,26 @@ def test_sr_alone_brings_its_seg_and_no_organ_means_no_seg(tmp_path):
     report = hd.sr.srread(path).content
     assert len(report.get_image_measurement_groups()) == len(empty.findings)
     assert _dciodvfy_errors(path) == []
+
+
+def test_encoding_inside_a_daemonic_process_runs_inline(tmp_path):
+    """A daemonic worker may not fork children: the SR is then built in the worker itself."""
+    import multiprocessing
+
+    volume = _phantom(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def work():
+        labels, values = _labels()
+        try:
+            objects = encode_results(_result(volume, labels, values))
+            queue.put(sorted(objects))
+        except BaseException as e:  # noqa: BLE001 - report anything to the test
+            queue.put(repr(e))
+
+    proc = ctx.Process(target=work, daemon=True)
+    proc.start()
+    answer = queue.get(timeout=120)
+    proc.join(30)
+    assert answer == ["sc", "seg", "sr"]

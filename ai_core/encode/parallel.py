@@ -49,20 +49,27 @@ class Forked:
         self._inline: Dataset | None = None
         self._error: BaseException | None = None
         self._proc = None
-        try:
-            ctx = multiprocessing.get_context("fork")
-        except ValueError:  # no fork on this platform: run inline
-            ctx = None
-        if ctx is None:
+        ctx = None
+        # A daemonic process (e.g. a multiprocessing pool worker) may not have children.
+        if not multiprocessing.current_process().daemon:
             try:
-                self._inline = fn(**kwargs)
-            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
-                self._error = exc
-            return
-        self._recv, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_child, args=(send, fn, kwargs), daemon=True)
-        self._proc.start()
-        send.close()
+                ctx = multiprocessing.get_context("fork")
+            except ValueError:  # no fork on this platform
+                ctx = None
+        if ctx is not None:
+            try:
+                self._recv, send = ctx.Pipe(duplex=False)
+                self._proc = ctx.Process(target=_child, args=(send, fn, kwargs), daemon=True)
+                self._proc.start()
+                send.close()
+                return
+            except OSError as exc:  # cannot fork (out of memory, process limit): run inline
+                logger.warning("cannot fork an encoder process (%s); running it inline", exc)
+                self._proc = None
+        try:
+            self._inline = fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+            self._error = exc
 
     def result(self, timeout: float = 600.0) -> Dataset:
         """The child's Dataset (parsed lazily from its bytes), or the exception it raised."""
