@@ -46,6 +46,75 @@ def bundle_channel_names(metadata: Mapping) -> dict[int, str]:
     return {int(k): str(v) for k, v in channel_def.items()}
 
 
+class BundleInput:
+    """A bundle's preprocessing applied to an in-memory SimpleITK CT image (shared with training).
+
+    File loading and channel handling are skipped; reorientation is done by SimpleITK; the image
+    is first resampled to the network spacing so the bundle's own transforms run on a small image.
+    """
+
+    def __init__(self, parser, spacing: Sequence[float] | None = None):
+        transforms = []
+        if "preprocessing" in parser:
+            pre = parser.get_parsed_content("preprocessing", instantiate=True)
+            transforms = [t for t in getattr(pre, "transforms", [pre]) if type(t).__name__ not in _SKIPPED_TRANSFORMS]
+        # Reorientation is a permutation and flip of axes: SimpleITK's DICOMOrient does it exactly
+        # (MONAI's Orientation needs nibabel, which this package does not depend on).
+        self.axcodes: str | None = None
+        self.transforms: list = []
+        for t in transforms:
+            if type(t).__name__ in ("Orientationd", "Orientation"):
+                inner = getattr(t, "ornt_transform", t)
+                if self.axcodes is None and inner.axcodes:
+                    self.axcodes = str(inner.axcodes)
+                continue
+            self.transforms.append(t)
+        self.spacing = tuple(float(v) for v in spacing) if spacing else self._bundle_spacing()
+
+    def _bundle_spacing(self) -> tuple[float, float, float] | None:
+        for t in self.transforms:
+            if type(t).__name__ in ("Spacingd", "Spacing"):
+                inner = getattr(t, "spacing_transform", t)
+                pixdim = np.atleast_1d(np.asarray(inner.pixdim, dtype=float))
+                if pixdim.size == 1:
+                    pixdim = np.repeat(pixdim, 3)
+                return tuple(float(v) for v in pixdim[:3])
+        return None
+
+    def source_axis_spacing(self, image: sitk.Image) -> tuple[float, float, float]:
+        """The network spacing per source axis (each source axis takes that of its closest RAS axis)."""
+        d = np.abs(np.asarray(image.GetDirection()).reshape(3, 3))
+        return tuple(float(self.spacing[int(np.argmax(d[:, i]))]) for i in range(3))  # type: ignore[index]
+
+    def __call__(self, image: sitk.Image):
+        """The network input: a MetaTensor (1, x, y, z) with its RAS affine."""
+        import torch
+        from monai.data import MetaTensor
+        from monai.transforms import apply_transform
+
+        if self.spacing is not None:
+            image = resample(image, resampled_grid(image, self.source_axis_spacing(image)),
+                             pixel_type=sitk.sitkFloat32, default=-1024.0)
+        elif image.GetPixelID() != sitk.sitkFloat32:
+            image = sitk.Cast(image, sitk.sitkFloat32)
+        if self.axcodes:
+            # ITK orientation codes name the direction each axis increases towards, as MONAI's do.
+            image = sitk.DICOMOrient(image, self.axcodes)
+        xyz = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
+        affine = torch.as_tensor(ras_affine(image))
+        data = {"image": MetaTensor(torch.from_numpy(np.ascontiguousarray(xyz))[None], affine=affine)}
+        for t in self.transforms:
+            data = apply_transform(t, data)
+        img = data["image"]
+        return img if isinstance(img, MetaTensor) else MetaTensor(img, affine=affine)
+
+    @staticmethod
+    def grid(tensor) -> sitk.Image:
+        """An empty uint8 image on the grid of a (C, x, y, z) MetaTensor, e.g. to resample labels onto."""
+        shape = tuple(int(v) for v in tensor.shape[1:])
+        return image_from_xyz(np.zeros(shape, dtype=np.uint8), tensor.affine.cpu().numpy())
+
+
 class MonaiBundleSegmenter(Segmenter):
     """A MONAI bundle directory as a segmentation backend."""
 
@@ -87,7 +156,7 @@ class MonaiBundleSegmenter(Segmenter):
         try:
             key = "network_def" if "network_def" in parser else "network"
             self.network = parser.get_parsed_content(key, instantiate=True)
-            self.transforms = self._preprocessing(parser)
+            self.input = BundleInput(parser, spacing)
             self.inferer = (
                 parser.get_parsed_content("inferer", instantiate=True) if "inferer" in parser else None
             )
@@ -122,7 +191,6 @@ class MonaiBundleSegmenter(Segmenter):
             )
         self.lut = catalogue_lut(self.groups)
         self.organ_labels = {k: int(self.lut[self.groups[k][0]]) for k in self.groups}
-        self.spacing = tuple(float(s) for s in spacing) if spacing else self._bundle_spacing()
         self.info = ModelInfo(
             name=str(self.metadata.get("name", self.bundle_dir.name)),
             version=str(self.metadata.get("version", "0")),
@@ -138,35 +206,6 @@ class MonaiBundleSegmenter(Segmenter):
             logger.debug("bundle checkpointloader#load_path not usable; using models/model.pt")
         return self.bundle_dir / "models" / "model.pt"
 
-    def _preprocessing(self, parser) -> list:
-        self.axcodes = None
-        if "preprocessing" not in parser:
-            return []
-        pre = parser.get_parsed_content("preprocessing", instantiate=True)
-        transforms = [t for t in getattr(pre, "transforms", [pre]) if type(t).__name__ not in _SKIPPED_TRANSFORMS]
-        # Reorientation is a permutation and flip of axes: SimpleITK's DICOMOrient does it exactly
-        # (MONAI's Orientation needs nibabel, which this package does not depend on).
-        self.axcodes: str | None = None
-        kept = []
-        for t in transforms:
-            if type(t).__name__ in ("Orientationd", "Orientation"):
-                inner = getattr(t, "ornt_transform", t)
-                if self.axcodes is None and inner.axcodes:
-                    self.axcodes = str(inner.axcodes)
-                continue
-            kept.append(t)
-        return kept
-
-    def _bundle_spacing(self) -> tuple[float, float, float] | None:
-        for t in self.transforms:
-            if type(t).__name__ in ("Spacingd", "Spacing"):
-                inner = getattr(t, "spacing_transform", t)
-                pixdim = np.atleast_1d(np.asarray(inner.pixdim, dtype=float))
-                if pixdim.size == 1:
-                    pixdim = np.repeat(pixdim, 3)
-                return tuple(float(v) for v in pixdim[:3])
-        return None
-
     @staticmethod
     def _hash(*paths: Path) -> str:
         h = hashlib.sha256()
@@ -178,40 +217,16 @@ class MonaiBundleSegmenter(Segmenter):
     def predict_classes(self, volume: CTVolume) -> sitk.Image:
         """The bundle's argmax classes as a uint8 image on the network's (coarse) grid."""
         import torch
-        from monai.data import MetaTensor
-        from monai.transforms import apply_transform
 
-        image = volume.image
-        if self.spacing is not None:
-            # Spacing is (x, y, z) of the RAS grid in MONAI; our grid keeps the source axes, whose
-            # spacing in mm is the same for isotropic targets (the usual case) and close otherwise.
-            image = resample(image, resampled_grid(image, self._source_axis_spacing(image)),
-                             pixel_type=sitk.sitkFloat32, default=-1024.0)
-        elif image.GetPixelID() != sitk.sitkFloat32:
-            image = sitk.Cast(image, sitk.sitkFloat32)
-        if self.axcodes:
-            # ITK orientation codes name the direction each axis increases towards, as MONAI's do.
-            image = sitk.DICOMOrient(image, self.axcodes)
-        xyz = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
-        data = {"image": MetaTensor(torch.from_numpy(np.ascontiguousarray(xyz))[None],
-                                    affine=torch.as_tensor(ras_affine(image)))}
-        for t in self.transforms:
-            data = apply_transform(t, data)
-        img = data["image"]
+        img = self.input(volume.image)
         with torch.inference_mode():
-            batch = img.as_tensor()[None].to(self.device) if isinstance(img, MetaTensor) else img[None].to(self.device)
+            batch = img.as_tensor()[None].to(self.device)
             logits = self.inferer(batch, self.network) if self.inferer is not None else self.network(batch)
             if isinstance(logits, (list, tuple)):
                 logits = logits[0]
             # numpy's argmax over the channel axis is several times faster than torch's on CPU.
             classes = logits[0].float().cpu().numpy().argmax(0).astype(np.uint8)
-        affine = img.affine.cpu().numpy() if isinstance(img, MetaTensor) else ras_affine(image)
-        return image_from_xyz(classes, affine)
-
-    def _source_axis_spacing(self, image: sitk.Image) -> tuple[float, float, float]:
-        # Map the RAS-axis spacing onto the source axes by the dominant direction of each axis.
-        d = np.abs(np.asarray(image.GetDirection()).reshape(3, 3))
-        return tuple(float(self.spacing[int(np.argmax(d[:, i]))]) for i in range(3))
+        return image_from_xyz(classes, img.affine.cpu().numpy())
 
     def segment(self, volume: CTVolume) -> Segmentation:
         """Organ labels of ``volume`` on its own grid, in catalogue terms."""

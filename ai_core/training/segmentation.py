@@ -1,0 +1,314 @@
+"""Training the demo organ segmentation network on synthetic phantoms, exported as a MONAI bundle.
+
+    config = SegTrainConfig(work_dir=Path("runs/seg"))
+    train_segmentation(config)            # checkpoints every N steps; resumes from the last one
+    export_bundle(config, DEMO_BUNDLE)    # configs/ + models/model.pt, loadable by the builtin backend
+
+Inputs go through exactly the inference path (``BundleInput`` built from the bundle config the
+export writes), so the network sees at training time what it sees in the node. Phantoms are
+generated at several spacings and orientations, so resampling and reorientation are part of what
+it learns. Everything is seeded: the same config gives the same cases, patches and weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ai_core.geometry import resample_nearest
+from ai_core.segmentation.bundle import inference_config, write_bundle
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+# Generation spacings and orientations of training phantoms (mm; x, y, z).
+TRAIN_SPACINGS = ((3.0, 3.0, 4.5), (2.0, 2.0, 3.0), (1.5, 1.5, 3.0), (2.5, 2.5, 2.5))
+TRAIN_ORIENTATIONS = ("HFS", "HFS", "FFS", "HFP", "FFP", "sagittal", "coronal")
+
+
+@dataclass
+class SegTrainConfig:
+    """Everything that determines a training run (saved in every checkpoint and in the bundle)."""
+
+    work_dir: Path
+    seed: int = 0
+    train_cases: int = 40
+    val_cases: int = 6
+    steps: int = 1500
+    batch_size: int = 2
+    patch: tuple[int, int, int] = (64, 64, 64)
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)  # network grid, mm (RAS x, y, z)
+    hu_range: tuple[float, float] = (-1000.0, 1000.0)
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    num_res_units: int = 1
+    roi_size: tuple[int, int, int] = (128, 128, 128)  # inference window of the exported bundle
+    organ_fraction: float = 0.8  # patches centred on a (uniformly chosen) organ, else anywhere
+    checkpoint_every: int = 100
+    threads: int = 2
+    phantom_spacings: tuple[tuple[float, float, float], ...] = TRAIN_SPACINGS  # generation grids
+    organs: tuple[str, ...] = field(default_factory=tuple)  # default: every phantom organ
+
+    def __post_init__(self) -> None:
+        self.work_dir = Path(self.work_dir)
+        if not self.organs:
+            from ai_core.phantom.findings import PHANTOM_ORGANS
+
+            self.organs = tuple(PHANTOM_ORGANS)
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable form (paths as strings)."""
+        d = asdict(self)
+        d["work_dir"] = str(self.work_dir)
+        # JSON has no tuples: compare and store lists, so a reloaded config equals a fresh one.
+        return json.loads(json.dumps(d))
+
+    def network_def(self) -> dict:
+        """The MONAI config of the network (``_target_`` form, as stored in the bundle)."""
+        return {
+            "_target_": "monai.networks.nets.UNet",
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": len(self.organs) + 1,
+            "channels": list(self.channels),
+            "strides": [2] * (len(self.channels) - 1),
+            "num_res_units": self.num_res_units,
+        }
+
+    def channel_def(self) -> dict[int, str]:
+        """Class value -> catalogue organ key (0 is background)."""
+        return {0: "background", **{i + 1: o for i, o in enumerate(self.organs)}}
+
+
+@dataclass
+class TrainCase:
+    """One phantom on the network grid: scaled image (x, y, z) float16 and class labels uint8."""
+
+    image: np.ndarray
+    labels: np.ndarray
+
+
+def build_network(config: SegTrainConfig) -> torch.nn.Module:
+    """The network described by ``config.network_def()``."""
+    from monai.bundle import ConfigParser
+
+    return ConfigParser({"net": config.network_def()}).get_parsed_content("net")
+
+
+def bundle_input(config: SegTrainConfig):
+    """The exact inference preprocessing of the bundle this config exports."""
+    from monai.bundle import ConfigParser
+
+    from ai_core.segmentation.monai_bundle import BundleInput
+
+    cfg = inference_config(config.network_def(), spacing=config.spacing, hu_range=config.hu_range,
+                           roi_size=config.roi_size)
+    return BundleInput(ConfigParser(cfg))
+
+
+def make_case(config: SegTrainConfig, prep, split: str, index: int) -> TrainCase:
+    """Phantom ``index`` of ``split`` ("train"/"val"), through the inference preprocessing."""
+    from ai_core.phantom.generator import generate_case
+
+    rng = random.Random(f"{config.seed}:{split}:{index}")
+    seed = (config.seed * 1_000_003 + (0 if split == "train" else 500_000) + index) & 0x7FFFFFFF
+    spacing = tuple(rng.choice(config.phantom_spacings))
+    orientation = rng.choice(TRAIN_ORIENTATIONS)
+    case = generate_case(seed, spacing=spacing, orientation=orientation)
+    return to_network_grid(config, prep, case.image, case.labels, case.organ_labels)
+
+
+def to_network_grid(config: SegTrainConfig, prep, image: sitk.Image, labels: sitk.Image,
+                    organ_labels: dict[str, int]) -> TrainCase:
+    """An image and its organ labels on the network grid, classes in ``config.organs`` order."""
+    x = prep(image)
+    grid = prep.grid(x)
+    lab = sitk.GetArrayFromImage(resample_nearest(labels, grid)).transpose(2, 1, 0)
+    lut = np.zeros(256, dtype=np.uint8)
+    for i, organ in enumerate(config.organs):
+        if organ in organ_labels:
+            lut[organ_labels[organ]] = i + 1
+    return TrainCase(image=x.as_tensor()[0].numpy().astype(np.float16), labels=lut[lab])
+
+
+def sample_patch(case: TrainCase, patch: Sequence[int], rng: np.random.Generator, n_classes: int,
+                 organ_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """A patch (padded where the volume is smaller), centred on a random organ or anywhere."""
+    shape = np.asarray(case.labels.shape)
+    p = np.asarray(patch)
+    centre = None
+    if rng.random() < organ_fraction:
+        cls = int(rng.integers(1, n_classes))
+        idx = np.flatnonzero(case.labels.ravel() == cls)
+        if idx.size:
+            centre = np.asarray(np.unravel_index(int(rng.choice(idx)), case.labels.shape))
+    if centre is None:
+        centre = np.asarray([int(rng.integers(0, s)) for s in shape])
+    start = np.clip(centre - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, np.maximum(shape - p, 0))
+    sl = tuple(slice(int(a), int(a + n)) for a, n in zip(start, p))
+    img = np.zeros(patch, dtype=np.float32)
+    lab = np.zeros(patch, dtype=np.int64)
+    piece = case.image[sl]
+    img[tuple(slice(0, n) for n in piece.shape)] = piece
+    lab[tuple(slice(0, n) for n in piece.shape)] = case.labels[sl]
+    return img, lab
+
+
+def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Intensity jitter: contrast, brightness and noise (no flips: left and right organs differ)."""
+    img = img * np.float32(rng.uniform(0.9, 1.1)) + np.float32(rng.uniform(-0.04, 0.04))
+    img += rng.normal(0.0, rng.uniform(0.0, 0.02), img.shape).astype(np.float32)
+    return img
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
+    """Dice of classes 1..n-1 (NaN where a class is in neither)."""
+    out = np.full(n_classes - 1, np.nan)
+    for c in range(1, n_classes):
+        p, t = pred == c, truth == c
+        denom = p.sum() + t.sum()
+        if denom:
+            out[c - 1] = 2.0 * (p & t).sum() / denom
+    return out
+
+
+def predict(network: torch.nn.Module, image: np.ndarray, roi_size: Sequence[int]) -> np.ndarray:
+    """Argmax classes of a whole network-grid image, with the bundle's sliding-window inferer."""
+    from monai.inferers import SlidingWindowInferer
+
+    inferer = SlidingWindowInferer(roi_size=list(roi_size), sw_batch_size=1, overlap=0.25, mode="gaussian",
+                                   padding_mode="replicate")
+    network.eval()
+    with torch.inference_mode():
+        logits = inferer(torch.from_numpy(image.astype(np.float32))[None, None], network)
+    return logits[0].numpy().argmax(0).astype(np.uint8)
+
+
+def evaluate(network: torch.nn.Module, cases: Sequence[TrainCase], config: SegTrainConfig) -> dict[str, float]:
+    """Mean Dice per organ on the network grid over ``cases``."""
+    n = len(config.organs) + 1
+    scores = np.array([dice_per_class(predict(network, c.image, config.roi_size), c.labels, n) for c in cases])
+    return {o: float(np.nanmean(scores[:, i])) for i, o in enumerate(config.organs)}
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="segmentation", unit="step", disable=not enabled,
+                dynamic_ncols=True)
+
+
+def train_segmentation(
+    config: SegTrainConfig,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    on_checkpoint: Callable[[int, dict], None] | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Train (or resume) and return the network and the last validation Dice per organ."""
+    from monai.losses import DiceCELoss
+
+    torch.set_num_threads(max(1, config.threads))
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = config.work_dir / CHECKPOINT
+    torch.manual_seed(config.seed)
+    network = build_network(config)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    step, history = 0, []
+    rng = np.random.default_rng(config.seed)
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        # The run's length, checkpoint interval and threads may change on resume; nothing else.
+        free = {"steps", "checkpoint_every", "threads"}
+        saved, now = json.loads(json.dumps(state["config"])), config.to_json()
+        changed = sorted(k for k in saved if k not in free and saved[k] != now.get(k))
+        if changed:
+            raise ValueError(f"{ckpt_path} was written with other settings ({', '.join(changed)}); "
+                             "use another work directory or resume with the same settings")
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history = int(state["step"]), list(state["history"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("resuming from step %d of %d", step, config.steps)
+
+    prep = bundle_input(config)
+    t0 = time.perf_counter()
+    train = [make_case(config, prep, "train", i) for i in range(config.train_cases)]
+    val = [make_case(config, prep, "val", i) for i in range(config.val_cases)]
+    logger.info("generated %d + %d phantoms in %.0f s", len(train), len(val), time.perf_counter() - t0)
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    n_classes = len(config.organs) + 1
+    dice: dict[str, float] = history[-1]["dice"] if history else {}
+    bar = _progress(config.steps, step, progress)
+    network.train()
+    while step < config.steps:
+        lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))  # cosine decay
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batch = [sample_patch(train[int(rng.integers(len(train)))], config.patch, rng, n_classes,
+                              config.organ_fraction) for _ in range(config.batch_size)]
+        x = torch.from_numpy(np.stack([augment(b[0], rng) for b in batch]))[:, None]
+        y = torch.from_numpy(np.stack([b[1] for b in batch]))[:, None]
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(network(x), y)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            dice = evaluate(network, val, config)
+            network.train()
+            history.append({"step": step, "loss": float(loss.item()), "dice": dice,
+                            "seconds": time.perf_counter() - t0})
+            _save(ckpt_path, {"model": network.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                              "history": history, "config": config.to_json(),
+                              "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
+            bar.write(f"step {step}: loss {loss.item():.3f}, val Dice min {min(dice.values()):.3f} "
+                      f"({min(dice, key=dice.get)}), mean {np.mean(list(dice.values())):.3f}")
+            if on_checkpoint is not None:
+                on_checkpoint(step, dice)
+    bar.close()
+    return network, dice
+
+
+def export_bundle(config: SegTrainConfig, network: torch.nn.Module, out_dir: Path, *,
+                  dice: dict[str, float] | None = None, version: str = "1.0.0",
+                  command: str = "", seconds: float | None = None) -> Path:
+    """Write the trained network as a MONAI bundle (the demo segmenter when ``out_dir`` is DEMO_BUNDLE)."""
+    training = {"config": config.to_json(), "validation_dice": dice or {}, "command": command}
+    if seconds is not None:
+        training["seconds"] = round(seconds, 1)
+    return write_bundle(
+        out_dir,
+        network_def=config.network_def(),
+        state_dict=network.state_dict(),
+        channel_def=config.channel_def(),
+        spacing=config.spacing,
+        hu_range=config.hu_range,
+        roi_size=config.roi_size,
+        name="ct-vlp demo organ segmentation (phantom-trained)",
+        version=version,
+        description=("Small 3D UNet trained on the project's synthetic CT phantoms; it segments phantom "
+                     "organs, not patients. Not for clinical use."),
+        extra_metadata={"training": json.loads(json.dumps(training))},
+    )

@@ -1,0 +1,117 @@
+"""``dicom-node train TARGET``: train the node's models on phantoms (segmentation, vlp)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import shlex
+import sys
+
+from dicom_node.errors import UserError
+
+NAME = "train"
+HELP = "train a model on synthetic phantoms: 'segmentation' (the demo segmenter) or 'vlp'"
+
+
+def add_arguments(parser) -> None:
+    targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
+
+    seg = targets.add_parser("segmentation", help="train the demo organ segmentation network (MONAI bundle)",
+                             description="Train a small 3D UNet on synthetic phantoms and export it as a MONAI "
+                             "bundle. Resumes from WORK/checkpoint.pt when it exists.")
+    seg.add_argument("--work-dir", required=True, help="checkpoints and logs (created; resumed from)")
+    seg.add_argument("--out", default=None,
+                     help="bundle directory to export to (default: the package's ai_core/models/demo_seg)")
+    seg.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
+    seg.add_argument("--train-cases", type=int, default=40, help="training phantoms (default 40)")
+    seg.add_argument("--val-cases", type=int, default=6, help="held-out phantoms (default 6)")
+    seg.add_argument("--batch-size", type=int, default=2, help="patches per step (default 2)")
+    seg.add_argument("--patch", type=int, nargs=3, default=(64, 64, 64), metavar=("X", "Y", "Z"),
+                     help="training patch in network voxels (default 64 64 64)")
+    seg.add_argument("--spacing", type=float, nargs=3, default=(3.0, 3.0, 4.0), metavar=("X", "Y", "Z"),
+                     help="network grid spacing in mm (default 3 3 4)")
+    seg.add_argument("--channels", type=int, nargs="+", default=(8, 16, 32, 64),
+                     help="UNet channels per level (default 8 16 32 64)")
+    seg.add_argument("--phantom-spacing", type=float, nargs=3, action="append", default=None,
+                     metavar=("X", "Y", "Z"), help="generate training phantoms at this spacing in mm "
+                     "(repeatable; default: a mix from 1.5 x 1.5 x 3 to 3 x 3 x 4.5)")
+    seg.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, cosine decay (default 3e-3)")
+    seg.add_argument("--seed", type=int, default=0, help="seed of phantoms, patches and weights (default 0)")
+    seg.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    seg.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    seg.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    seg.add_argument("--no-export", action="store_true", help="train only; do not write the bundle")
+    seg.set_defaults(_train=_run_segmentation)
+
+    vlp = targets.add_parser("vlp", help="train the demo VLP model (organ-level contrastive)")
+    _vlp_hook("add_arguments", vlp)
+    vlp.set_defaults(_train=_run_vlp)
+
+
+# -- vlp: filled by ai_core/training/vlp.py -----------------------------------------------------
+# The VLP target delegates to two functions of ai_core.training.vlp, if it defines them:
+#   add_cli_arguments(parser: argparse.ArgumentParser) -> None   (keep its imports light)
+#   run_cli(args: argparse.Namespace) -> int
+_VLP_MODULE = "ai_core.training.vlp"
+
+
+def _vlp_hook(kind: str, arg):
+    if kind == "add_arguments":
+        module = importlib.util.find_spec(_VLP_MODULE) and importlib.import_module(_VLP_MODULE)
+        if module is not None and hasattr(module, "add_cli_arguments"):
+            module.add_cli_arguments(arg)
+        else:
+            arg.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        return None
+    module = importlib.import_module(_VLP_MODULE)
+    if not hasattr(module, "run_cli"):
+        raise UserError("VLP training is not available in this version (ai_core.training.vlp has no run_cli)")
+    return int(module.run_cli(arg) or 0)
+
+
+def _run_vlp(args) -> int:
+    return _vlp_hook("run", args)
+
+
+# -- segmentation --------------------------------------------------------------------------------
+
+
+def _run_segmentation(args) -> int:
+    import logging
+    import time
+    from pathlib import Path
+
+    from ai_core.segmentation import DEMO_BUNDLE
+    from ai_core.training.segmentation import SegTrainConfig, export_bundle, train_segmentation
+
+    if args.steps < 1 or args.train_cases < 1 or args.val_cases < 1:
+        raise UserError("--steps, --train-cases and --val-cases must be at least 1")
+    config = SegTrainConfig(
+        work_dir=Path(args.work_dir), seed=args.seed, train_cases=args.train_cases, val_cases=args.val_cases,
+        steps=args.steps, batch_size=args.batch_size, patch=tuple(args.patch), lr=args.lr,
+        spacing=tuple(args.spacing), channels=tuple(args.channels), checkpoint_every=args.checkpoint_every,
+        threads=args.threads,
+        **({"phantom_spacings": tuple(tuple(s) for s in args.phantom_spacing)} if args.phantom_spacing else {}),
+    )
+    logging.getLogger("ai_core").setLevel(logging.INFO)
+    t0 = time.perf_counter()
+    try:
+        network, dice = train_segmentation(config, resume=not args.no_resume, progress=True)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    seconds = time.perf_counter() - t0
+    print("validation Dice per organ (network grid):")
+    for organ, d in dice.items():
+        print(f"  {organ:16s} {d:.3f}")
+    if not args.no_export:
+        out = Path(args.out) if args.out else DEMO_BUNDLE
+        command = " ".join(shlex.quote(a) for a in ["dicom-node", *sys.argv[1:]])
+        export_bundle(config, network, out, dice=dice, command=command, seconds=seconds)
+        print(f"bundle written to {out}")
+    print(f"time {seconds:.0f} s")
+    return 0
+
+
+def run(args) -> int:
+    return args._train(args)
