@@ -108,6 +108,10 @@ def check_sources(result: AnalysisResult, sources: Sequence[Dataset]) -> None:
         raise ValueError(f"the series was refused ({result.refused}); there are no results to encode")
     if not sources:
         raise ValueError("the result lists no source files; the encoders need the analysed images")
+    if len({str(p) for p in result.source_files}) != len(result.source_files) or any(
+            int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for ds in sources[:1]):
+        raise ValueError("the source is a multi-frame image (e.g. Enhanced CT); the result encoders "
+                         "support single-frame series only (one file per slice)")
     if result.labels is not None and result.labels.shape[0] != len(sources):
         raise ValueError(f"labels have {result.labels.shape[0]} slices but there are {len(sources)} "
                          "source images; labels[i] must be the label map of source_files[i]")
