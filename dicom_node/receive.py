@@ -12,14 +12,19 @@ import fnmatch
 import ipaddress
 import logging
 import socket
+import struct
+import zlib
+from io import BytesIO
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom import Dataset
-from pydicom.uid import UID
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from dicom_node import pynetdicom_tuning
 from dicom_node.config import Config, Listener
 from storage.filestore import DiskFull, FileStore
 from storage.index import InstanceRecord
@@ -32,6 +37,11 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+PIXEL_DATA = 0x7FE00010
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+# Our implementation's identity in the files we write: a UUID-derived UID (2.25 root, ISO/IEC 9834-8).
+IMPLEMENTATION_CLASS_UID = "2.25.232370331599381958183012465658218429614"
+IMPLEMENTATION_VERSION_NAME = "CTVLP_0_1"
 
 
 def status(code: int, comment: str | None = None) -> Dataset:
@@ -95,11 +105,12 @@ class StoreHandler:
                           f"internal error: {type(exc).__name__}")
 
     def _handle(self, event: evt.Event) -> Dataset:
+        ts = UID(str(event.context.transfer_syntax))
+        stream: BytesIO = event.request.DataSet
         try:
-            ds = event.dataset
+            ds, pixel_problem = read_header(stream, ts)
             values = {k: str(ds.get(k, "") or "").strip() for k in REQUIRED_UIDS}
             modality = str(ds.get("Modality", "") or "") or None
-            pixel_problem = _pixel_data_problem(ds, event.context.transfer_syntax)
         except Exception as exc:
             log.warning("C-STORE: dataset cannot be decoded: %s", exc)
             return status(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}")
@@ -116,9 +127,12 @@ class StoreHandler:
         if pixel_problem:
             log.warning("C-STORE %s: %s", values["SOPInstanceUID"], pixel_problem)
             return status(CANNOT_UNDERSTAND, pixel_problem)
+        calling = event.assoc.requestor.ae_title.strip()
+        header = part10_header(values["SOPClassUID"], values["SOPInstanceUID"], ts, calling)
+        body = stream.getbuffer()
         try:
             stored = self.store.write(values["StudyInstanceUID"], values["SeriesInstanceUID"],
-                                      values["SOPInstanceUID"], event.encoded_dataset())
+                                      values["SOPInstanceUID"], header, body)
         except ValueError as exc:  # a UID that cannot name a file
             return status(CANNOT_UNDERSTAND, str(exc))
         except DiskFull as exc:
@@ -127,34 +141,89 @@ class StoreHandler:
         except OSError as exc:
             log.error("C-STORE could not be written: %s", exc)
             return status(OUT_OF_RESOURCES, "disk full" if exc.errno == errno.ENOSPC else "write failed")
+        finally:
+            body.release()
         if not stored.duplicate:
-            requestor = event.assoc.requestor
             self.submit(InstanceRecord(
                 study_uid=values["StudyInstanceUID"], series_uid=values["SeriesInstanceUID"],
                 sop_uid=values["SOPInstanceUID"], sop_class_uid=values["SOPClassUID"],
-                transfer_syntax_uid=str(event.context.transfer_syntax), relpath=stored.relpath,
-                size=stored.size, modality=modality, calling_ae=requestor.ae_title.strip(),
-                called_ae=self.listener.ae_title, peer_host=requestor.address))
+                transfer_syntax_uid=str(ts), relpath=stored.relpath, size=stored.size, modality=modality,
+                calling_ae=calling, called_ae=self.listener.ae_title, peer_host=event.assoc.requestor.address))
             self.touch(values["SeriesInstanceUID"], self.listener.stable_after)
         log.debug("stored %s (%d bytes%s)", values["SOPInstanceUID"], stored.size,
                   ", identical to the stored copy" if stored.duplicate else "")
         return status(SUCCESS)
 
 
-def _pixel_data_problem(ds: Dataset, transfer_syntax: UID) -> str | None:
-    """Why native Pixel Data is shorter than its header says, or None (compressed data is not checked)."""
-    if "PixelData" not in ds or UID(transfer_syntax).is_compressed:
-        return None
+def _stop_at_pixels(tag, vr, length) -> bool:
+    return tag >= PIXEL_DATA
+
+
+def read_header(stream: BytesIO, ts: UID) -> tuple[Dataset, str | None]:
+    """Decode the attributes before Pixel Data and check that Pixel Data is complete.
+
+    Returns the header dataset and a problem description (None when the data are whole).
+    """
+    if ts == DeflatedExplicitVRLittleEndian:  # rare: inflate, then read as explicit little endian
+        stream.seek(0)
+        raw = zlib.decompress(stream.read(), -zlib.MAX_WBITS)
+        return read_header(BytesIO(raw), UID(ExplicitVRLittleEndian))
+    stream.seek(0)
+    ds = read_dataset(stream, ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixels)
+    pos = stream.tell()
+    buf = stream.getbuffer()
+    try:
+        total = len(buf)
+        if pos + 8 > total:
+            return ds, None
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        if (group, elem) != (0x7FE0, 0x0010):
+            return ds, None  # Float/Double Float Pixel Data or trailing elements: not checked
+        if ts.is_implicit_VR:
+            length, start = struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
+        else:
+            length, start = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+        if length == 0xFFFFFFFF:  # encapsulated: must end with a Sequence Delimitation Item
+            if bytes(buf[-8:]) != SEQUENCE_DELIMITER and bytes(buf[start:]).rfind(SEQUENCE_DELIMITER) < 0:
+                return ds, "encapsulated Pixel Data has no end (truncated)"
+            return ds, None
+        if start + length > total:
+            return ds, f"Pixel Data truncated: {total - start} of {length} bytes"
+    finally:
+        buf.release()
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames * int(
-            ds.BitsAllocated)
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames * int(ds.BitsAllocated)
     except (AttributeError, TypeError, ValueError):
-        return "Pixel Data without valid Rows/Columns/Bits Allocated"
-    have = len(ds.PixelData) * 8
-    if have < expected:
-        return f"Pixel Data truncated: {have // 8} of {(expected + 7) // 8} bytes"
-    return None
+        return ds, "Pixel Data without valid Rows/Columns/Bits Allocated"
+    if length * 8 < expected:
+        return ds, f"Pixel Data holds {length} bytes; Rows x Columns x frames needs {(expected + 7) // 8}"
+    return ds, None
+
+
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _text(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def part10_header(sop_class: str, sop_instance: str, ts: str, source_ae: str | None) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information group for a received dataset."""
+    body = b"".join([
+        _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, 0x0002, b"UI", _text(sop_class, b"\x00")),
+        _element(0x0002, 0x0003, b"UI", _text(sop_instance, b"\x00")),
+        _element(0x0002, 0x0010, b"UI", _text(ts, b"\x00")),
+        _element(0x0002, 0x0012, b"UI", _text(IMPLEMENTATION_CLASS_UID, b"\x00")),
+        _element(0x0002, 0x0013, b"SH", _text(IMPLEMENTATION_VERSION_NAME, b" ")),
+        *([_element(0x0002, 0x0016, b"AE", _text(source_ae, b" "))] if source_ae else []),
+    ])
+    return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -189,6 +258,7 @@ def log_association(event: evt.Event) -> None:
 
 def build_ae(config: Config) -> AE:
     """An AE configured with the storage SOP classes and transfer syntaxes the node accepts."""
+    pynetdicom_tuning.apply()
     ae = AE()
     net = config.network
     ae.maximum_pdu_size = net.max_pdu

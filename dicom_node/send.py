@@ -16,6 +16,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.sop_class import Verification
 
+from dicom_node import pynetdicom_tuning
 from dicom_node.config import Destination
 from dicom_node.errors import DeliveryError
 from dicom_node.receive import set_nodelay
@@ -79,6 +80,7 @@ def send_files(dest: Destination, items: Iterable[Outgoing], *, calling_ae: str)
 
     Raises ``DeliveryError`` when no association can be established.
     """
+    pynetdicom_tuning.apply()
     items = list(items)
     outcomes: dict[str, SendOutcome] = {}
     if not items:

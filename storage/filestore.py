@@ -94,15 +94,15 @@ class FileStore:
                 _fsync_dir(directory.parent.parent)
         self._known_dirs.add(directory)
 
-    def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | memoryview) -> StoredFile:
-        """Store encoded bytes atomically; identical bytes already stored are not rewritten."""
+    def write(self, study_uid: str, series_uid: str, sop_uid: str, *parts: bytes | memoryview) -> StoredFile:
+        """Store the concatenated parts atomically; identical bytes already stored are not rewritten."""
         if not self.has_space():
             raise DiskFull(errno.ENOSPC, f"free disk below {self.min_free_bytes // 2**20} MB in {self.root}")
         rel = self.relpath(study_uid, series_uid, sop_uid)
         final = self.root / rel
-        size = len(data)
+        size = sum(len(p) for p in parts)
         try:
-            if final.stat().st_size == size and final.read_bytes() == bytes(data):
+            if final.stat().st_size == size and final.read_bytes() == b"".join(parts):
                 return StoredFile(final, rel, size, duplicate=True)
         except FileNotFoundError:
             pass
@@ -110,10 +110,14 @@ class FileStore:
         tmp = final.parent / f".{final.name}.{size}.{os.urandom(4).hex()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            views = [memoryview(p) for p in parts]
+            while views:  # one writev for header + dataset, looping only on short writes
+                n = os.writev(fd, views)
+                while views and n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                if views:
+                    views[0] = views[0][n:]
             if self.fsync:
                 os.fsync(fd)
         except BaseException:
