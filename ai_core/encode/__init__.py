@@ -41,6 +41,7 @@ def encode_results(
     ``sources``: headers of ``result.source_files`` if the caller has them (else they are read).
     ``parallel``: build the SR in a forked child while this process builds the SEG and SC (the
     SR then comes back as a plain pydicom Dataset read from its encoded bytes).
+    Stage times (seconds) are added to ``result.timings`` under ``encode*`` keys.
     """
     import highdicom as hd
 
@@ -82,6 +83,9 @@ def encode_results(
     if "sr" in wanted:
         out["sr"] = sr_job.result() if sr_job is not None else sr_inline
     t_sr = time.perf_counter()
+    # Stage times for the pipeline's table (benchmarks/analyze.py); the SR ran beside SEG and SC.
+    result.timings.update({"encode_prepare": t_prep - t0, "encode_seg": t_seg - t_prep,
+                           "encode_sc": t_sc - t_seg, "encode_sr_wait": t_sr - t_sc, "encode": t_sr - t0})
     logger.info("encoded %s for series %s in %.2f s (prepare %.2f, SEG %.2f, SC %.2f, SR wait %.2f)",
                 "+".join(sorted(out)), result.series_instance_uid, t_sr - t0, t_prep - t0, t_seg - t_prep,
                 t_sc - t_seg, t_sr - t_sc)
