@@ -29,8 +29,9 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
 
-system-deps:
+system-deps: $(VENV)/.installed
 	@$(PY) -m dicom_node.tools --install
+	@bash tests/viewer/install_ohif.sh
 
 test: install-test system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

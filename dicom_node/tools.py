@@ -21,6 +21,7 @@ REQUIRED: dict[str, list[str]] = {
     "orthanc-dicomweb": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
     "postgresql": ["/usr/lib/postgresql/*/bin/initdb"],
     "chromium": ["chromium"],
+    "npm": ["npm"],  # installs the pinned OHIF build for the viewer tests
 }
 
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     missing = missing_packages()
     if not missing:
-        print("system tools: dcmtk, dicom3tools, orthanc (+dicomweb), postgresql, chromium present")
+        print("system tools: dcmtk, dicom3tools, orthanc (+dicomweb), postgresql, chromium, npm present")
         return 0
     cmd = ["apt-get", "install", "-y", "-q", *missing]
     if args.install and os.geteuid() == 0 and shutil.which("apt-get"):

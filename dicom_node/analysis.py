@@ -1,0 +1,155 @@
+"""The ``analyze`` job: run an AI pipeline on a series, store its SEG/SR/SC, queue their delivery.
+
+Results are stored and indexed like received instances (new series in the original study) and
+sent through the same ``forward`` jobs, so they get the same retries and visible failures.
+A series analysed again gets new objects whose SR names the previous SR as its predecessor; the
+previous results are marked superseded. The same source instances analysed again by the same
+model reuse the existing results instead of making duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import select
+
+from dicom_node import jobs
+from dicom_node.actions import PermanentError, WorkerContext
+from storage.index import InstanceRecord, index_instances
+from storage.models import Instance, Job, Result, Series
+
+log = logging.getLogger(__name__)
+
+
+def _pipeline(ctx: WorkerContext, name: str):
+    """The loaded pipeline for a config name, kept in the worker between jobs."""
+    key = f"pipeline:{name}"
+    if key not in ctx.cache:
+        settings = ctx.config.pipelines.get(name)
+        if settings is None:
+            raise PermanentError(f"pipeline {name!r} is not configured (known: {sorted(ctx.config.pipelines)})")
+        try:
+            from ai_core.pipeline import Pipeline
+        except ImportError as exc:
+            raise PermanentError(f"pipeline not installed: {exc}") from exc
+        ctx.cache[key] = Pipeline.from_settings(settings)
+    return ctx.cache[key]
+
+
+def _digest(instances: list[Instance], model_label: str) -> str:
+    h = hashlib.sha256(model_label.encode())
+    for i in sorted(instances, key=lambda i: i.sop_instance_uid):
+        h.update(f"{i.sop_instance_uid}:{i.size};".encode())
+    return h.hexdigest()
+
+
+def _encode_to_bytes(ds) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def run_analyze_job(job: Job, ctx: WorkerContext) -> dict:
+    """Analyse the job's series and queue the results for the destinations named by the rule."""
+    params = job.params or {}
+    name = params.get("pipeline", "default")
+    results_to = list(params.get("results_to", []))
+    for d in results_to:
+        if d not in ctx.config.destinations:
+            raise PermanentError(f"results destination {d!r} is not configured")
+    pipeline = _pipeline(ctx, name)
+
+    with ctx.factory() as s:
+        series = s.scalar(select(Series).where(Series.series_instance_uid == job.series_instance_uid))
+        if series is None:
+            raise PermanentError(f"series {job.series_instance_uid} is not in the index")
+        instances = list(series.instances)
+        files = [ctx.store.path(i.path) for i in instances]
+        digest = _digest(instances, pipeline.identity)
+        previous = s.scalars(select(Result).where(Result.source_series_uid == job.series_instance_uid,
+                                                  Result.superseded_by.is_(None))).all()
+    same = [r for r in previous if r.source_digest == digest]
+    if same:
+        log.info("job %d: series %s unchanged since its last analysis; reusing %d result objects", job.id,
+                 job.series_instance_uid, len(same))
+        _queue_deliveries(ctx, job, {r.kind: r.sop_instance_uid for r in same}, results_to)
+        return {"reused": True, "objects": {r.kind: r.sop_instance_uid for r in same}}
+
+    result = pipeline.analyze(files)
+    kinds = {"seg", "sr"} | {k for d in results_to for k in ctx.config.destinations[d].results}
+    if result.labels is None:
+        kinds -= {"seg", "sc"}  # nothing was segmented (refused series): the SR says why
+    predecessor = None
+    prev_sr = next((r for r in previous if r.kind == "sr"), None)
+    if prev_sr is not None:
+        with ctx.factory() as s:
+            inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == prev_sr.sop_instance_uid))
+        if inst is not None:
+            predecessor = dcmread(ctx.store.path(inst.path))
+    from ai_core.encode import encode_results
+
+    device = f"{ctx.config.listeners[0].ae_title} ct-vlp-dicom-node"
+    objects = encode_results(result, kinds=sorted(kinds), device_name=device, predecessor_sr=predecessor,
+                             parallel=False)
+    stored = _store_objects(ctx, job, objects, digest, previous)
+    _queue_deliveries(ctx, job, stored, results_to)
+    present = [f"{f.organ}:{f.finding}" for f in result.findings if f.decision == "present"]
+    return {"objects": stored, "refused": result.refused, "present": present,
+            "timings": {k: round(v, 3) for k, v in result.timings.items()}}
+
+
+def _store_objects(ctx: WorkerContext, job: Job, objects: dict, digest: str, previous: list[Result]) -> dict:
+    """Write result objects to the file store, index them, record Result rows, supersede the old ones."""
+    records, uids = [], {}
+    for kind, ds in objects.items():
+        data = _encode_to_bytes(ds)
+        sf = ctx.store.write(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), data)
+        records.append(InstanceRecord(
+            study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+            sop_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), relpath=sf.relpath, size=sf.size,
+            modality=str(ds.get("Modality", "")) or None, is_result=True,
+            source_series_uid=job.series_instance_uid))
+        uids[kind] = str(ds.SOPInstanceUID)
+    index_instances(ctx.factory, records)
+    with ctx.factory.begin() as s:
+        new_rows = {}
+        for kind, ds in objects.items():
+            row = Result(job_id=job.id, source_series_uid=job.series_instance_uid, kind=kind,
+                         sop_instance_uid=uids[kind], series_instance_uid=str(ds.SeriesInstanceUID),
+                         source_digest=digest)
+            s.add(row)
+            new_rows[kind] = row
+        s.flush()
+        for old in previous:
+            row = s.get(Result, old.id)
+            row.superseded_by = (new_rows.get(old.kind) or next(iter(new_rows.values()))).id
+        if previous:
+            jobs.audit(s, "results_superseded", job.series_instance_uid, job.id, count=len(previous))
+        jobs.audit(s, "results_stored", job.series_instance_uid, job.id, objects=sorted(uids))
+    return uids
+
+
+def _queue_deliveries(ctx: WorkerContext, job: Job, objects: dict[str, str], results_to: list[str]) -> None:
+    """One forward job per destination with the result kinds that destination wants."""
+    wc = ctx.config.workers
+    with ctx.factory.begin() as s:
+        for name in results_to:
+            wanted = [uid for kind, uid in objects.items() if kind in ctx.config.destinations[name].results]
+            if wanted:
+                jobs.enqueue(s, "forward", job.series_instance_uid, generation=job.generation,
+                             params={"destination": name, "sop_instance_uids": wanted, "results_of": job.id},
+                             max_attempts=wc.max_attempts)
+
+
+def result_files(ctx: WorkerContext, source_series_uid: str) -> list[Path]:
+    """Files of the current (not superseded) results of a source series."""
+    with ctx.factory() as s:
+        uids = s.scalars(select(Result.sop_instance_uid).where(Result.source_series_uid == source_series_uid,
+                                                               Result.superseded_by.is_(None))).all()
+        paths = s.scalars(select(Instance.path).where(Instance.sop_instance_uid.in_(uids))).all()
+    return [ctx.store.path(p) for p in paths]
