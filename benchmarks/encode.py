@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ai_core.catalogue import FINDINGS, ORGANS  # noqa: E402
-from ai_core.encode import encode_results, write_results  # noqa: E402
+from ai_core.encode import encode_to_files  # noqa: E402
 from ai_core.phantom.series import make_ct_series  # noqa: E402
 from ai_core.result import AnalysisResult, FindingResult, ModelInfo, OrganResult  # noqa: E402
 from ai_core.volume import read_volume  # noqa: E402
@@ -73,14 +73,14 @@ def run_once(result: AnalysisResult, out: Path, parallel: bool) -> dict[str, flo
     """One encode + write, timed: wall clock and this process's CPU time."""
     w0, c0 = time.perf_counter(), time.process_time()
     k0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    objects = encode_results(result, parallel=parallel)
-    w1 = time.perf_counter()
-    write_results(objects, out)
+    paths = encode_to_files(result, out, parallel=parallel)
     w2, c2 = time.perf_counter(), time.process_time()
     k2 = resource.getrusage(resource.RUSAGE_CHILDREN)
     child = (k2.ru_utime + k2.ru_stime) - (k0.ru_utime + k0.ru_stime)
-    return {"encode": w1 - w0, "write": w2 - w1, "total": w2 - w0, "cpu_parent": c2 - c0,
-            "cpu_child": child, "frames": float(objects["seg"].NumberOfFrames)}
+    t = result.timings
+    return {"prepare": t["encode_prepare"], "seg": t["encode_seg"], "sc": t["encode_sc"],
+            "sr_wait": t["encode_sr_wait"], "total": w2 - w0, "cpu_parent": c2 - c0, "cpu_child": child,
+            "mb": sum(p.stat().st_size for p in paths.values()) / 1e6}
 
 
 def main() -> int:
@@ -96,13 +96,15 @@ def main() -> int:
     print(f"{args.slices} slices x 512^2, {args.organs} organs, {len(result.findings)} findings")
     logging.getLogger("ai_core.encode").setLevel(logging.INFO)
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
-    print(f"{'run':>14} {'encode':>7} {'write':>6} {'total':>6} {'cpu:parent':>10} {'child':>6}  frames")
+    print("wall-clock seconds per stage (SEG and SC include writing; the SR is built beside them)")
+    print(f"{'run':>14} {'prepare':>7} {'seg':>6} {'sc':>6} {'sr wait':>7} {'total':>6} "
+          f"{'cpu:parent':>10} {'child':>6}  MB")
     for parallel in (True, False):
         for i in range(args.repeat):
             s = run_once(result, args.workdir / "out", parallel)
             label = ("parallel " if parallel else "serial ") + ("cold" if i == 0 else f"warm{i}")
-            print(f"{label:>14} {s['encode']:7.2f} {s['write']:6.2f} {s['total']:6.2f} {s['cpu_parent']:10.2f}"
-                  f" {s['cpu_child']:6.2f}  {int(s['frames'])}")
+            print(f"{label:>14} {s['prepare']:7.2f} {s['seg']:6.2f} {s['sc']:6.2f} {s['sr_wait']:7.2f} "
+                  f"{s['total']:6.2f} {s['cpu_parent']:10.2f} {s['cpu_child']:6.2f}  {s['mb']:.1f}")
     return 0
 
 

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from ai_core.catalogue import FINDINGS, ORGANS
-from ai_core.encode import encode_results, write_results
+from ai_core.encode import encode_results, encode_to_files, write_results
 from ai_core.encode.sr import PRESENCE, PROBABILITY, UNITY, finding_probability_concept
 from ai_core.phantom.series import body_volume, orientation_direction, write_series
 from ai_core.result import AnalysisResult, FindingResult, ModelInfo, OrganResult
@@ -83,7 +83,13 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 def test_objects_validate_with_dciodvfy_and_dsrdump(tmp_path, parallel):
     volume = _phantom(tmp_path)
     labels, values = _labels()
-    paths = write_results(encode_results(_result(volume, labels, values), parallel=parallel), tmp_path / "out")
+    result = _result(volume, labels, values)
+    if parallel:  # written as they are built; the SR's bytes straight from the child
+        paths = encode_to_files(result, tmp_path / "out")
+    else:
+        paths = write_results(encode_results(result, parallel=False), tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths.values())
+    assert {"encode", "encode_seg", "encode_sr_wait"} <= set(result.timings)
     assert set(paths) == {"seg", "sr", "sc"}
     for kind, path in paths.items():
         assert _dciodvfy_errors(path) == [], f"dciodvfy errors in the {kind}"

@@ -2,20 +2,27 @@
 
     encode_results(result, kinds=("seg", "sr", "sc")) -> {"seg": Segmentation, "sr": ..., "sc": ...}
     write_results(objects, out_dir) -> {"seg": Path, ...}
+    encode_to_files(result, out_dir, kinds=...) -> {"seg": Path, ...}   # fastest: writes as it goes
 
 All three join the original study as new series (same Study Instance UID, new Series Instance
 UIDs, same Frame of Reference for the SEG). The SR references the SEG's segments, so asking for
 "sr" also builds (and returns) the SEG. Each call makes new instances: a re-analysis passes the
 earlier SR as ``predecessor_sr`` and the new SR lists it in its Predecessor Documents Sequence.
+
+Speed: highdicom is pure Python (one core), so the SR, the slowest object, is built in a forked
+child while this process builds and writes the SEG and the SC (see ``parallel.py``).
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import Dataset
 
 from ai_core.encode.common import Device, LabelIndex, check_sources, read_headers
@@ -25,6 +32,9 @@ from ai_core.result import AnalysisResult
 logger = logging.getLogger(__name__)
 
 KINDS = ("seg", "sr", "sc")
+
+# What a finished object is handed on as: a Dataset, or (SR from the child) its encoded bytes.
+Emit = Callable[[str, Dataset | None, bytes | None], None]
 
 
 def encode_results(
@@ -43,6 +53,74 @@ def encode_results(
     SR then comes back as a plain pydicom Dataset read from its encoded bytes).
     Stage times (seconds) are added to ``result.timings`` under ``encode*`` keys.
     """
+    out: dict[str, Dataset] = {}
+
+    def keep(kind: str, ds: Dataset | None, raw: bytes | None) -> None:
+        out[kind] = ds if ds is not None else pydicom.dcmread(io.BytesIO(raw))
+
+    _encode(result, kinds, device_name, predecessor_sr, sources, parallel, keep)
+    return out
+
+
+def encode_to_files(
+    result: AnalysisResult,
+    out_dir: Path,
+    *,
+    kinds: Iterable[str] = KINDS,
+    device_name: str = "ct-vlp-dicom-node",
+    predecessor_sr: Dataset | None = None,
+    sources: list[Dataset] | None = None,
+    parallel: bool = True,
+) -> dict[str, Path]:
+    """Build the requested objects and write each as soon as it is ready (see ``write_results``).
+
+    The SEG and SC are written while the SR is still being built in the child, and the SR's
+    bytes go to disk as the child encoded them: the quickest way from a result to files.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+
+    def write(kind: str, ds: Dataset | None, raw: bytes | None) -> None:
+        if ds is not None:
+            paths[kind] = _write_dataset(kind, ds, out_dir)
+            return
+        uid = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True,
+                              specific_tags=["SOPInstanceUID"]).SOPInstanceUID
+        paths[kind] = _write_atomic(out_dir / f"{kind}_{uid}.dcm", lambda tmp: tmp.write_bytes(raw))
+
+    t0 = time.perf_counter()
+    _encode(result, kinds, device_name, predecessor_sr, sources, parallel, write)
+    result.timings["encode_and_write"] = time.perf_counter() - t0
+    return paths
+
+
+def write_results(objects: dict[str, Dataset], out_dir: Path) -> dict[str, Path]:
+    """Write each object as ``<kind>_<SOPInstanceUID>.dcm`` (DICOM file format) and return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {kind: _write_dataset(kind, ds, out_dir) for kind, ds in objects.items()}
+
+
+def _write_dataset(kind: str, ds: Dataset, out_dir: Path) -> Path:
+    return _write_atomic(out_dir / f"{kind}_{ds.SOPInstanceUID}.dcm",
+                         lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write through a temporary file and rename: never a half-written object under its final name."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _encode(result: AnalysisResult, kinds: Iterable[str], device_name: str, predecessor_sr: Dataset | None,
+            sources: list[Dataset] | None, parallel: bool, emit: Emit) -> None:
+    """Build the objects and hand each to ``emit`` as soon as it is ready (SEG, SC, then SR)."""
     import highdicom as hd
 
     from ai_core.encode.sc import build_sc
@@ -66,41 +144,27 @@ def encode_results(
     t_prep = time.perf_counter()
     sr_job = None
     if "sr" in wanted:
-        sr_kwargs = dict(result=result, sources=sources, seg=seg_ref, segments=segments, index=index,
-                         device=device, predecessor=predecessor_sr)
-        sr_job = Forked(build_sr, **sr_kwargs) if parallel else None
-        sr_inline = None if parallel else build_sr(**sr_kwargs)
-    out: dict[str, Dataset] = {}
+        sr_job = Forked(build_sr, inline=not parallel, result=result, sources=sources, seg=seg_ref,
+                        segments=segments, index=index, device=device, predecessor=predecessor_sr)
+    built = []
     if segments:
         seg = build_seg(result, sources, index=index, segments=segments, device=device,
                         series_instance_uid=seg_uids[0], sop_instance_uid=seg_uids[1])
-        assert seg is not None
-        out["seg"] = seg
+        emit("seg", seg, None)
+        built.append("seg")
     t_seg = time.perf_counter()
     if "sc" in wanted:
-        out["sc"] = build_sc(result, sources, index=index, device=device)
+        emit("sc", build_sc(result, sources, index=index, device=device), None)
+        built.append("sc")
     t_sc = time.perf_counter()
-    if "sr" in wanted:
-        out["sr"] = sr_job.result() if sr_job is not None else sr_inline
+    if sr_job is not None:
+        ds, raw = sr_job.outcome()
+        emit("sr", ds, raw)
+        built.append("sr")
     t_sr = time.perf_counter()
     # Stage times for the pipeline's table (benchmarks/analyze.py); the SR ran beside SEG and SC.
     result.timings.update({"encode_prepare": t_prep - t0, "encode_seg": t_seg - t_prep,
                            "encode_sc": t_sc - t_seg, "encode_sr_wait": t_sr - t_sc, "encode": t_sr - t0})
     logger.info("encoded %s for series %s in %.2f s (prepare %.2f, SEG %.2f, SC %.2f, SR wait %.2f)",
-                "+".join(sorted(out)), result.series_instance_uid, t_sr - t0, t_prep - t0, t_seg - t_prep,
+                "+".join(built), result.series_instance_uid, t_sr - t0, t_prep - t0, t_seg - t_prep,
                 t_sc - t_seg, t_sr - t_sc)
-    return out
-
-
-def write_results(objects: dict[str, Dataset], out_dir: Path) -> dict[str, Path]:
-    """Write each object as ``<kind>_<SOPInstanceUID>.dcm`` (DICOM file format) and return the paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for kind, ds in objects.items():
-        path = out_dir / f"{kind}_{ds.SOPInstanceUID}.dcm"
-        tmp = path.with_suffix(".tmp")
-        ds.save_as(tmp, enforce_file_format=True)
-        tmp.replace(path)  # never leave a half-written object under its final name
-        paths[kind] = path
-    return paths

@@ -43,15 +43,15 @@ def _child(conn, fn: Callable[..., Dataset], kwargs: dict[str, Any]) -> None:
 
 
 class Forked:
-    """A call running in a forked child; ``result()`` returns its Dataset (or raises its error)."""
+    """A call running in a forked child; ``outcome()`` returns its result (or raises its error)."""
 
-    def __init__(self, fn: Callable[..., Dataset], **kwargs: Any):
+    def __init__(self, fn: Callable[..., Dataset], *, inline: bool = False, **kwargs: Any):
         self._inline: Dataset | None = None
         self._error: BaseException | None = None
         self._proc = None
         ctx = None
         # A daemonic process (e.g. a multiprocessing pool worker) may not have children.
-        if not multiprocessing.current_process().daemon:
+        if not inline and not multiprocessing.current_process().daemon:
             try:
                 ctx = multiprocessing.get_context("fork")
             except ValueError:  # no fork on this platform
@@ -71,13 +71,13 @@ class Forked:
         except BaseException as exc:  # noqa: BLE001 - re-raised by result()
             self._error = exc
 
-    def result(self, timeout: float = 600.0) -> Dataset:
-        """The child's Dataset (parsed lazily from its bytes), or the exception it raised."""
+    def outcome(self, timeout: float = 600.0) -> tuple[Dataset | None, bytes | None]:
+        """(Dataset, None) when it ran inline, (None, DICOM file bytes) from a child; or its error."""
         if self._proc is None:
             if self._error is not None:
                 raise self._error
             assert self._inline is not None
-            return self._inline
+            return self._inline, None
         try:
             if not self._recv.poll(timeout):
                 raise EncoderFailed(f"encoder child gave no answer within {timeout:.0f} s")
@@ -90,9 +90,14 @@ class Forked:
                 self._proc.kill()
                 self._proc.join()
         if status == "ok":
-            return pydicom.dcmread(io.BytesIO(payload))
+            return None, payload
         pickled, text = payload
         if pickled is not None:
             exc = pickle.loads(pickled)
             raise exc from EncoderFailed(text)
         raise EncoderFailed(text)
+
+    def result(self, timeout: float = 600.0) -> Dataset:
+        """The Dataset (from a child: parsed lazily from its bytes), or the exception it raised."""
+        ds, raw = self.outcome(timeout)
+        return ds if ds is not None else pydicom.dcmread(io.BytesIO(raw))
