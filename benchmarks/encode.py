@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -71,6 +72,7 @@ def make_result(workdir: Path, n_slices: int, n_organs: int) -> AnalysisResult:
 
 def run_once(result: AnalysisResult, out: Path, parallel: bool) -> dict[str, float]:
     """One encode + write, timed: wall clock and this process's CPU time."""
+    shutil.rmtree(out, ignore_errors=True)  # each run writes new instances: keep only the last
     w0, c0 = time.perf_counter(), time.process_time()
     k0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     paths = encode_to_files(result, out, parallel=parallel)
