@@ -115,6 +115,9 @@ def check_sources(result: AnalysisResult, sources: Sequence[Dataset]) -> None:
     if result.labels is not None and result.labels.shape[0] != len(sources):
         raise ValueError(f"labels have {result.labels.shape[0]} slices but there are {len(sources)} "
                          "source images; labels[i] must be the label map of source_files[i]")
+    if sources[0].StudyInstanceUID != result.study_instance_uid:
+        raise ValueError(f"the source images belong to study {sources[0].StudyInstanceUID}, not the "
+                         f"result's study {result.study_instance_uid}")
     for ds in sources:
         if ds.SeriesInstanceUID != result.series_instance_uid:
             raise ValueError(f"source image {ds.SOPInstanceUID} belongs to series {ds.SeriesInstanceUID}, "
