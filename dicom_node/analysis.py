@@ -80,9 +80,14 @@ def run_analyze_job(job: Job, ctx: WorkerContext) -> dict:
         return {"reused": True, "objects": {r.kind: r.sop_instance_uid for r in same}}
 
     result = pipeline.analyze(files)
+    if result.refused:
+        # nothing to encode against (no usable geometry); the job records why, visibly
+        log.warning("job %d: series %s cannot be analysed safely: %s", job.id, job.series_instance_uid,
+                    result.refused)
+        with ctx.factory.begin() as s:
+            jobs.audit(s, "analysis_refused", job.series_instance_uid, job.id, reason=result.refused)
+        return {"refused": result.refused, "objects": {}}
     kinds = {"seg", "sr"} | {k for d in results_to for k in ctx.config.destinations[d].results}
-    if result.labels is None:
-        kinds -= {"seg", "sc"}  # nothing was segmented (refused series): the SR says why
     predecessor = None
     prev_sr = next((r for r in previous if r.kind == "sr"), None)
     if prev_sr is not None:

@@ -8,7 +8,7 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
+from datetime import timedelta
 
 from pydicom import dcmread
 from sqlalchemy import select
@@ -20,6 +20,7 @@ from dicom_node.config import Config
 from dicom_node.errors import ConfigError
 from dicom_node.indexer import Indexer
 from dicom_node.receive import PeerPolicy, build_ae, start_listener
+from dicom_node.retention import apply_retention
 from dicom_node.routing import Router, SeriesAttributes
 from dicom_node.worker import spawn_workers
 from storage.db import open_database
@@ -60,6 +61,8 @@ class Node:
         self.indexer.start()
         self.tracker.start()
         self._rearm_pending()
+        self.tracker.scheduler.add_job(self._retention, "interval", hours=1, id="retention",
+                                       next_run_time=utcnow() + timedelta(minutes=1))
         self.ae = build_ae(self.config)
         policy = PeerPolicy(self.config)
         for listener in self.config.listeners:
@@ -127,6 +130,14 @@ class Node:
             self.tracker.touch(uid, stable.get(called, default), age=age)
         if rows:
             log.info("%d series were still receiving; their completion timers are re-armed", len(rows))
+
+    def _retention(self) -> None:
+        st = self.config.storage
+        try:
+            apply_retention(self.factory, self.store, received_days=st.retention_days,
+                            result_days=st.result_retention_days)
+        except Exception:
+            log.exception("retention run failed; will try again in an hour")
 
     # --- completion and routing ---
     def complete_series(self, series_uid: str) -> None:

@@ -215,3 +215,13 @@ def test_destination_down_then_up_is_delivered_and_never_up_fails_visibly(tmp_pa
         assert st["deliveries"].get("failed") == 3
         failed = node.cli("jobs", "--failed").stdout
         assert "DEAD" in failed and "did not answer" in failed
+
+
+def test_disk_below_watermark_refuses_with_out_of_resources(tmp_path):
+    files = _series(tmp_path, "ct", n=2)
+    # the watermark set from the environment, as systemd would: far above any real free space
+    with NodeProcess(tmp_path / "node", env={"CTVLP__STORAGE__MIN_FREE_MB": str(10**12)}) as node:
+        assert _send_status(node, dcmread(files[0])) == 0xA700
+        assert node.files() == [] and node.temporaries() == []
+        assert _echo_ok(node)
+        assert "below the watermark" in node.log() or "watermark" in node.log()

@@ -127,3 +127,32 @@ def test_index_is_rebuilt_from_files_after_a_crash(database_url, tmp_path):
     with factory() as s:
         assert len(s.scalars(select(Instance)).all()) == 4
     assert rebuild_index(factory, store, full=True) == 0  # idempotent
+
+
+def test_retention_removes_old_idle_series_and_keeps_busy_and_recent_ones(database_url, tmp_path):
+    from dicom_node.retention import apply_retention
+
+    _, factory = open_database(database_url)
+    store = FileStore(tmp_path / "files")
+    for series in ("1.2.3.1", "1.2.3.2", "1.2.3.3"):
+        recs = []
+        for i in range(3):
+            sf = store.write("1.2.3", series, f"{series}.{i}", b"data" * 10)
+            recs.append(InstanceRecord(study_uid="1.2.3", series_uid=series, sop_uid=f"{series}.{i}",
+                                       sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                                       transfer_syntax_uid="1.2.840.10008.1.2.1", relpath=sf.relpath,
+                                       size=sf.size))
+        index_instances(factory, recs)
+    old = utcnow() - timedelta(days=40)
+    with factory.begin() as s:
+        for series in s.scalars(select(Series)):
+            series.state = "complete"
+            if series.series_instance_uid != "1.2.3.3":
+                series.last_received = old
+        jobs.enqueue(s, "forward", "1.2.3.2")  # still queued: keep
+    assert apply_retention(factory, store, received_days=30, result_days=365) == 1
+    with factory() as s:
+        assert sorted(s.scalars(select(Series.series_instance_uid))) == ["1.2.3.2", "1.2.3.3"]
+        assert len(s.scalars(select(Instance)).all()) == 6
+    assert not (store.root / "1.2.3" / "1.2.3.1").exists()
+    assert apply_retention(factory, store, received_days=0, result_days=0) == 0  # 0 keeps forever
