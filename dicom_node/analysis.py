@@ -33,11 +33,20 @@ def _pipeline(ctx: WorkerContext, name: str):
         if settings is None:
             raise PermanentError(f"pipeline {name!r} is not configured (known: {sorted(ctx.config.pipelines)})")
         try:
-            from ai_core.pipeline import Pipeline
+            from ai_core.pipeline import Pipeline, PipelineError, PipelineSettings
         except ImportError as exc:
             raise PermanentError(f"pipeline not installed: {exc}") from exc
-        ctx.cache[key] = Pipeline.from_settings(settings)
+        try:
+            ctx.cache[key] = Pipeline(PipelineSettings.from_mapping(settings.model_dump()))
+        except PipelineError as exc:  # a setting the user can fix (device, model path ...)
+            raise PermanentError(f"pipeline {name!r}: {exc}") from exc
     return ctx.cache[key]
+
+
+def _identity(pipeline) -> str:
+    """What makes results of the same instances reusable: the model and segmenter identities."""
+    m, sg = pipeline.model_info, pipeline.segmenter_info
+    return f"{m.name} {m.version} {m.spec_hash} | {sg.name} {sg.version} {sg.spec_hash}"
 
 
 def _digest(instances: list[Instance], model_label: str) -> str:
@@ -69,7 +78,7 @@ def run_analyze_job(job: Job, ctx: WorkerContext) -> dict:
             raise PermanentError(f"series {job.series_instance_uid} is not in the index")
         instances = list(series.instances)
         files = [ctx.store.path(i.path) for i in instances]
-        digest = _digest(instances, pipeline.identity)
+        digest = _digest(instances, _identity(pipeline))
         previous = s.scalars(select(Result).where(Result.source_series_uid == job.series_instance_uid,
                                                   Result.superseded_by.is_(None))).all()
     same = [r for r in previous if r.source_digest == digest]
