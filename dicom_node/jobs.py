@@ -74,6 +74,29 @@ def claim(factory: sessionmaker[Session], worker: str, lease: float, kinds: list
         return job
 
 
+def requeue_orphans(factory: sessionmaker[Session]) -> int:
+    """Requeue running jobs whose worker process on this host no longer exists (after a crash)."""
+    host = socket.gethostname()
+    n = 0
+    with factory.begin() as session:
+        for job in session.scalars(select(Job).where(Job.state == RUNNING, Job.worker.like(f"{host}:%"))):
+            pid = int(job.worker.rsplit(":", 1)[1])
+            try:
+                os.kill(pid, 0)
+                continue  # still alive (another node process on this host owns it)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            job.state = QUEUED
+            job.not_before = utcnow()
+            audit(session, "job_orphaned", job.series_instance_uid, job.id, previous_worker=job.worker)
+            n += 1
+    if n:
+        log.warning("%d jobs were running in workers that died with the previous node process; requeued", n)
+    return n
+
+
 def heartbeat(factory: sessionmaker[Session], job_id: int, worker: str) -> bool:
     """Extend a running job's lease; False if the job is no longer ours."""
     with factory.begin() as session:

@@ -58,6 +58,7 @@ class Node:
         """Recover, start listening, start workers."""
         t0 = time.monotonic()
         added = rebuild_index(self.factory, self.store)
+        jobs.requeue_orphans(self.factory)
         self.indexer.start()
         self.tracker.start()
         self._rearm_pending()

@@ -156,3 +156,21 @@ def test_retention_removes_old_idle_series_and_keeps_busy_and_recent_ones(databa
         assert len(s.scalars(select(Instance)).all()) == 6
     assert not (store.root / "1.2.3" / "1.2.3.1").exists()
     assert apply_retention(factory, store, received_days=0, result_days=0) == 0  # 0 keeps forever
+
+
+def test_jobs_of_dead_workers_on_this_host_are_requeued_at_start(database_url):
+    import os
+    import socket
+    import subprocess
+
+    _, factory = open_database(database_url)
+    with factory.begin() as s:
+        jobs.enqueue(s, "analyze", "1.2.20")
+        jobs.enqueue(s, "analyze", "1.2.21")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    jobs.claim(factory, f"{socket.gethostname()}:{dead.pid}", lease=3600)  # its worker died
+    jobs.claim(factory, f"{socket.gethostname()}:{os.getpid()}", lease=3600)  # alive: keep
+    assert jobs.requeue_orphans(factory) == 1
+    again = jobs.claim(factory, "new-worker", lease=3600)
+    assert again is not None and again.series_instance_uid == "1.2.20"
