@@ -4,8 +4,9 @@ The HU volume is resampled (SimpleITK, linear, float32) to the configured spacin
 canonical orientation (default LPS: arrays are (D, H, W) = (z inferior->superior, y anterior->
 posterior, x right->left)), clipped to a HU window and scaled to 0..1. Each organ gets a window of
 at least ``window`` voxels centred on its bounding box, enlarged when the organ is larger, clamped
-to the volume and padded at the end to multiples of ``patch``. Every organ present inside a window
-comes with its mask, since a model may pool several organs from one window.
+to the volume and padded at the end to multiples of ``patch``. Each window carries the labels of
+every organ inside it (``OrganCrop.mask``, ``label_map``), since a model may pool several organs
+from one window.
 
 An organ that touches the edge of the field of view (it may be cut off), or of which less than
 ``min_inside`` of the voxels fit in its window (``max_window`` caps the size), is not evaluated,
@@ -69,23 +70,34 @@ class CropConfig:
 
 @dataclass
 class OrganCrop:
-    """One organ's window: image (1, D, H, W) float32 in 0..1 and the masks of the organs in it."""
+    """One organ's window: image (1, D, H, W) float32 in 0..1 and the labels of every organ in it."""
 
     organ: str
     image: np.ndarray  # float32 (1, D, H, W)
-    masks: dict[str, np.ndarray]  # organ -> bool (D, H, W), every organ with voxels in the window
+    labels: np.ndarray  # uint8 (D, H, W): the segmentation's labels in the window (0 in padding)
+    organ_labels: dict[str, int]  # organs with voxels in the window -> their value in ``labels``
     start: tuple[int, int, int]  # first voxel of the window in the resampled grid (D, H, W)
     size: tuple[int, int, int]  # voxels taken from the grid before padding (D, H, W)
     inside_fraction: float  # of the organ's voxels that are in the window
 
+    def mask(self, organ: str) -> np.ndarray:
+        """Bool (D, H, W) mask of an organ in the window (all False if it is not there)."""
+        value = self.organ_labels.get(organ)
+        return self.labels == value if value is not None else np.zeros(self.labels.shape, dtype=bool)
+
+    @property
+    def masks(self) -> dict[str, np.ndarray]:
+        """Every organ in the window -> its bool mask (computed on each access)."""
+        return {organ: self.labels == value for organ, value in self.organ_labels.items()}
+
     def label_map(self, organs: Sequence[str], groups: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
         """A (D, H, W) uint8 map with organ ``organs[i]`` labelled ``i + 1`` (a group is its members' union)."""
-        out = np.zeros(self.image.shape[1:], dtype=np.uint8)
+        lut = np.zeros(256, dtype=np.uint8)
         for i, name in enumerate(organs):
             for member in (groups or {}).get(name, (name,)):
-                if member in self.masks:
-                    out[self.masks[member]] = i + 1
-        return out
+                if member in self.organ_labels:
+                    lut[self.organ_labels[member]] = i + 1
+        return lut[self.labels]
 
 
 @dataclass
@@ -109,8 +121,10 @@ class CropSet:
 def scale_hu(array: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
     """Clip HU to ``hu_range`` and scale to 0..1, in place for float32 arrays."""
     lo, hi = (float(v) for v in hu_range)
-    out = array if array.dtype == np.float32 else array.astype(np.float32)
-    np.clip(out, lo, hi, out=out)
+    if array.dtype == np.float32 and array.flags.writeable:
+        out = np.clip(array, lo, hi, out=array)
+    else:  # one pass that clips and copies (e.g. from a read-only SimpleITK view)
+        out = np.clip(array, lo, hi).astype(np.float32, copy=False)
     out -= lo
     out *= np.float32(1.0 / (hi - lo))
     return out
@@ -149,26 +163,20 @@ def crop_window(
     start: Sequence[int],
     size: Sequence[int],
     patch: Sequence[int],
-    label_values: Mapping[str, int],
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Cut a (D, H, W) window from a scaled image and its labels, padded at the end to ``patch``.
 
-    Returns the (1, D', H', W') float32 image (padding 0 = the bottom of the HU window) and a
-    bool mask per organ with voxels in the window.
+    Returns the (1, D', H', W') float32 image (padding 0 = the bottom of the HU window) and the
+    (D', H', W') uint8 labels (padding 0).
     """
     sl = tuple(slice(s, s + n) for s, n in zip(start, size))
+    inner = tuple(slice(0, n) for n in size)
     shape = padded_shape(size, patch)
     out = np.zeros((1, *shape), dtype=np.float32)
-    out[(0, *(slice(0, n) for n in size))] = image[sl]
-    lab = labels[sl]
-    present = set(np.unique(lab).tolist()) - {0}
-    masks = {}
-    for organ, value in label_values.items():
-        if value in present:
-            m = np.zeros(shape, dtype=bool)
-            m[tuple(slice(0, n) for n in size)] = lab == value
-            masks[organ] = m
-    return out, masks
+    out[(0, *inner)] = image[sl]
+    lab = np.zeros(shape, dtype=np.uint8)
+    lab[inner] = labels[sl]
+    return out, lab
 
 
 def touches_edge(bbox: tuple[slice, ...], shape: Sequence[int]) -> bool:
@@ -210,7 +218,7 @@ def resample_for_crops(
     image = volume.image if isinstance(volume, CTVolume) else volume
     grid = oriented_grid(image, config.spacing, config.orientation)
     hu = resample(image, grid, pixel_type=sitk.sitkFloat32, default=config.hu_range[0])
-    scaled = scale_hu(sitk.GetArrayFromImage(hu), config.hu_range)
+    scaled = scale_hu(sitk.GetArrayViewFromImage(hu), config.hu_range)  # clip copies out of the view
     del hu
     lab = resample_nearest(labels, grid)
     return scaled, sitk.GetArrayFromImage(lab), grid
@@ -272,8 +280,9 @@ def crop_organs(
         box = tuple(slice(min(b[k].start for b in member_boxes), max(b[k].stop for b in member_boxes))
                     for k in range(3))
         start, size = window_bounds(box, lab.shape, config.window, config.max_window)
-        image, masks = crop_window(scaled, lab, start, size, config.patch, organ_labels)
-        inside = sum(int(masks[m].sum()) for m in members_of[name] if m in masks)
+        image, window_labels = crop_window(scaled, lab, start, size, config.patch)
+        in_window = np.bincount(window_labels.ravel(), minlength=256)
+        inside = int(sum(in_window[v] for v in values))
         total = int(sum(counts[v] for v in values))
         fraction = inside / total if total else 0.0
         if fraction < config.min_inside:
@@ -281,7 +290,8 @@ def crop_organs(
                 f"only {fraction:.0%} of the organ fits in its window (at least {config.min_inside:.0%} needed)"
             )
             continue
-        result.crops[name] = OrganCrop(name, image, masks, start, size, fraction)
+        present = {o: v for o, v in organ_labels.items() if in_window[v]}
+        result.crops[name] = OrganCrop(name, image, window_labels, present, start, size, fraction)
     return result
 
 
@@ -313,9 +323,6 @@ class OrganWindowd:
         if not box or box[0] is None:
             raise ValueError(f"cropping {self.organ}: the organ has no voxels in this label map")
         start, size = window_bounds(box[0], labels.shape, self.config.window, self.config.max_window)
-        win, masks = crop_window(image, labels, start, size, self.config.patch, self.organ_labels)
-        lab = np.zeros(win.shape, dtype=labels.dtype)
-        for organ, m in masks.items():
-            lab[0][m] = self.organ_labels[organ]
-        d[image_key], d[label_key], d["window_start"] = win, lab, start
+        win, lab = crop_window(image, labels, start, size, self.config.patch)
+        d[image_key], d[label_key], d["window_start"] = win, lab[None], start
         return d

@@ -110,20 +110,26 @@ def resample_nearest(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
     sp_l, sp_r = np.asarray(labels.GetSpacing()), np.asarray(reference.GetSpacing())
     size_l, size_r = labels.GetSize(), reference.GetSize()
     offset = d_l.T @ (np.asarray(reference.GetOrigin()) - np.asarray(labels.GetOrigin()))
-    src = np.pad(sitk.GetArrayViewFromImage(labels), ((0, 1), (0, 1), (0, 1)))  # index n -> 0
-    # For each reference axis b, the labels axis a it runs along and the indices it visits.
-    order, index = [], []
+    src = sitk.GetArrayViewFromImage(labels)
+    # For each reference axis b, the labels axis a it runs along and the indices it visits;
+    # indices outside the labels are read at 0 and cleared afterwards (no padded copy).
+    order, index, outside = [], [], []
     for b in range(3):
         a = int(np.flatnonzero(m[:, b])[0])
         c = (offset[a] + m[a, b] * sp_r[b] * np.arange(size_r[b])) / sp_l[a]
         i = np.floor(c + 0.5).astype(np.intp)
-        i[(i < 0) | (i >= size_l[a])] = size_l[a]
+        bad = (i < 0) | (i >= size_l[a])
+        i[bad] = 0
         order.append(a)
         index.append(i)
+        outside.append(np.flatnonzero(bad))
     # Numpy axes are reversed (z, y, x): put the labels' axes in the reference's order, then take.
     out = src.transpose([2 - order[2], 2 - order[1], 2 - order[0]])
     for axis, b in enumerate((2, 1, 0)):
         out = np.take(out, index[b], axis=axis)
+    out[outside[2]] = 0
+    out[:, outside[1]] = 0
+    out[:, :, outside[0]] = 0
     image = sitk.GetImageFromArray(np.ascontiguousarray(out))
     image.CopyInformation(reference)
     return image

@@ -79,7 +79,8 @@ def test_crop_organs_windows_masks_and_refusals():
     centre = np.argwhere(liver.masks["liver"]).mean(0)
     assert np.all(np.abs(centre - (np.asarray(liver.size) - 1) / 2) <= 1.0)
     # Each window carries the masks of every organ inside it, and a label map in model order.
-    assert "kidney_right" in liver.masks
+    assert "kidney_right" in liver.masks and liver.mask("kidney_right").any()
+    assert not liver.mask("heart").any()
     lm = liver.label_map(["kidney", "liver"], groups={"kidney": ["kidney_left", "kidney_right"]})
     assert set(np.unique(lm)) <= {0, 1, 2} and (lm == 2).sum() == liver.masks["liver"].sum()
     # World coordinates of the window's liver centre match the source labels' centre.
@@ -121,9 +122,9 @@ def test_dict_wrapper_matches_array_logic():
     config = CropConfig(window=(8, 16, 16), patch=(4, 8, 8))
     out = OrganWindowd("liver", {"liver": 1, "spleen": 2}, config)({"image": image, "label": labels})
     start, size = out["window_start"], out["image"].shape[1:]
-    win, masks = crop_window(image[0], labels[0], start, (8, 16, 16), (4, 8, 8), {"liver": 1, "spleen": 2})
+    win, lab = crop_window(image[0], labels[0], start, (8, 16, 16), (4, 8, 8))
     np.testing.assert_array_equal(out["image"], win)
-    np.testing.assert_array_equal(out["label"][0] == 1, masks["liver"])
+    np.testing.assert_array_equal(out["label"][0], lab)
     assert (out["label"][0] == 1).sum() == (labels == 1).sum()
     with pytest.raises(ValueError, match="cropping kidney"):
         OrganWindowd("kidney", {"kidney": 3}, config)({"image": image, "label": labels})
