@@ -157,7 +157,7 @@ def padded_shape(size: Sequence[int], patch: Sequence[int]) -> tuple[int, int, i
     return tuple(int(math.ceil(s / p) * p) for s, p in zip(size, patch))  # type: ignore[return-value]
 
 
-def crop_window(
+def crop_window_labels(
     image: np.ndarray,
     labels: np.ndarray,
     start: Sequence[int],
@@ -177,6 +177,20 @@ def crop_window(
     lab = np.zeros(shape, dtype=np.uint8)
     lab[inner] = labels[sl]
     return out, lab
+
+
+def crop_window(
+    image: np.ndarray,
+    labels: np.ndarray,
+    start: Sequence[int],
+    size: Sequence[int],
+    patch: Sequence[int],
+    label_values: Mapping[str, int],
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Like ``crop_window_labels``, with a bool mask per organ of ``label_values`` present in the window."""
+    out, lab = crop_window_labels(image, labels, start, size, patch)
+    counts = np.bincount(lab.ravel(), minlength=256)
+    return out, {organ: lab == value for organ, value in label_values.items() if counts[value]}
 
 
 def touches_edge(bbox: tuple[slice, ...], shape: Sequence[int]) -> bool:
@@ -280,7 +294,7 @@ def crop_organs(
         box = tuple(slice(min(b[k].start for b in member_boxes), max(b[k].stop for b in member_boxes))
                     for k in range(3))
         start, size = window_bounds(box, lab.shape, config.window, config.max_window)
-        image, window_labels = crop_window(scaled, lab, start, size, config.patch)
+        image, window_labels = crop_window_labels(scaled, lab, start, size, config.patch)
         in_window = np.bincount(window_labels.ravel(), minlength=256)
         inside = int(sum(in_window[v] for v in values))
         total = int(sum(counts[v] for v in values))
@@ -323,6 +337,6 @@ class OrganWindowd:
         if not box or box[0] is None:
             raise ValueError(f"cropping {self.organ}: the organ has no voxels in this label map")
         start, size = window_bounds(box[0], labels.shape, self.config.window, self.config.max_window)
-        win, lab = crop_window(image, labels, start, size, self.config.patch)
+        win, lab = crop_window_labels(image, labels, start, size, self.config.patch)
         d[image_key], d[label_key], d["window_start"] = win, lab[None], start
         return d
