@@ -76,8 +76,9 @@ def test_cli_trains_and_exports(tmp_path, capsys):
     rc = main(["train", "segmentation", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "b"),
                "--steps", "1", "--train-cases", "1", "--val-cases", "1", "--patch", "16", "16", "16",
                "--spacing", "8", "8", "8", "--channels", "4", "8", "--phantom-spacing", "6", "6", "6",
-               "--threads", "1"])
+               "--threads", "1", "--eval-cases", "1",
+               "--eval-spacing", "6", "6", "6"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "validation Dice per organ" in out and "bundle written" in out
+    assert "validation Dice per organ" in out and "bundle written" in out and "end-to-end Dice" in out
     assert (tmp_path / "b" / "models" / "model.pt").is_file()

@@ -42,6 +42,10 @@ def add_arguments(parser) -> None:
     seg.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     seg.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     seg.add_argument("--no-export", action="store_true", help="train only; do not write the bundle")
+    seg.add_argument("--eval-cases", type=int, default=4,
+                     help="held-out phantoms segmented end to end after export (default 4)")
+    seg.add_argument("--eval-spacing", type=float, nargs=3, default=(1.5, 1.5, 3.0), metavar=("X", "Y", "Z"),
+                     help="spacing of those phantoms in mm (default 1.5 1.5 3)")
     seg.set_defaults(_train=_run_segmentation)
 
     vlp = targets.add_parser("vlp", help="train the demo VLP model (organ-level contrastive)")
@@ -109,6 +113,17 @@ def _run_segmentation(args) -> int:
         command = " ".join(shlex.quote(a) for a in ["dicom-node", *sys.argv[1:]])
         export_bundle(config, network, out, dice=dice, command=command, seconds=seconds)
         print(f"bundle written to {out}")
+        if args.eval_cases > 0:
+            from ai_core.training.segmentation import evaluate_end_to_end, held_out_seeds, record_evaluation
+
+            spacing = tuple(args.eval_spacing)
+            e2e = evaluate_end_to_end(out, held_out_seeds(config, args.eval_cases), spacing=spacing)
+            record_evaluation(out, "end_to_end_dice", {"cases": args.eval_cases, "spacing_mm": list(spacing),
+                                                       "dice": e2e})
+            print(f"end-to-end Dice on {args.eval_cases} held-out phantoms (their own grid, "
+                  f"{' x '.join(f'{v:g}' for v in spacing)} mm):")
+            for organ, d in e2e.items():
+                print(f"  {organ:16s} {d:.3f}")
     print(f"time {seconds:.0f} s")
     return 0
 
