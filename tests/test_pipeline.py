@@ -203,7 +203,8 @@ def test_a_failing_stage_is_named(tmp_path, case, model):
     assert info.value.stage == "segment" and "out of memory" in str(info.value)
 
 
-def test_settings_load_a_bundle_and_a_checkpoint_with_extra_findings(tmp_path, case, model):
+def random_bundle(path):
+    """A tiny randomly initialised UNet as a MONAI bundle with three catalogue organs."""
     from monai.bundle import ConfigParser
 
     from ai_core.segmentation.bundle import write_bundle
@@ -212,9 +213,13 @@ def test_settings_load_a_bundle_and_a_checkpoint_with_extra_findings(tmp_path, c
                "channels": [4, 8], "strides": [2], "num_res_units": 0}
     torch.manual_seed(1)
     net = ConfigParser({"n": net_def}).get_parsed_content("n")
-    bundle = write_bundle(tmp_path / "bundle", network_def=net_def, state_dict=net.state_dict(),
-                          channel_def={0: "background", 1: "liver", 2: "spleen", 3: "esophagus"},
-                          spacing=(6.0, 6.0, 6.0), name="random unet", version="0.0.1")
+    return write_bundle(path, network_def=net_def, state_dict=net.state_dict(),
+                        channel_def={0: "background", 1: "liver", 2: "spleen", 3: "esophagus"},
+                        spacing=(6.0, 6.0, 6.0), name="random unet", version="0.0.1")
+
+
+def test_settings_load_a_bundle_and_a_checkpoint_with_extra_findings(tmp_path, case, model):
+    bundle = random_bundle(tmp_path / "bundle")
     ckpt = save_checkpoint(tmp_path / "model.pt", model)
     settings = PipelineSettings.from_mapping({
         "segmentation": "monai_bundle", "segmentation_path": str(bundle), "segmentation_fast": True,
@@ -253,3 +258,70 @@ def test_findings_config_accepts_pairs_and_mappings():
                              "b": {"negative": "no b", "positive": "b", "threshold": 0.7}}}
     with pytest.raises(PipelineError, match=r"extra_findings.liver.a"):
         findings_config({"liver": {"a": ["only one"]}})
+
+
+def block_series(path):
+    """A small CT series: air with a dense block (HU 400) in the middle, which a threshold segments."""
+    from ai_core.phantom.series import write_series
+
+    arr = np.full((36, 40, 48), -1000, dtype=np.int16)
+    arr[10:26, 12:28, 14:34] = 400
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((1.5, 1.2, 2.0))
+    img.SetOrigin((-30.0, 10.0, -40.0))
+    write_series(img, path, slice_order="shuffled")
+    return path
+
+
+def threshold_bundle(path):
+    """A 1x1x1 convolution whose class 1 ('liver') is HU above 200."""
+    from ai_core.segmentation.bundle import write_bundle
+
+    state = {"weight": torch.tensor([0.0, 1.0]).reshape(2, 1, 1, 1, 1), "bias": torch.tensor([0.0, -0.6])}
+    net = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
+    return write_bundle(path, network_def=net, state_dict=state, channel_def={0: "background", 1: "liver"},
+                        spacing=(3.0, 3.0, 3.0), name="threshold", version="1")
+
+
+def test_analyze_command_writes_json_results_and_a_table(tmp_path, model, capsys):
+    import json
+
+    import yaml
+
+    from dicom_node.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"pipelines": {"tiny": {
+        "segmentation": "monai_bundle", "segmentation_path": str(threshold_bundle(tmp_path / "bundle")),
+        "model": str(save_checkpoint(tmp_path / "model.pt", model)), "device": "cpu"}}}))
+    series = block_series(tmp_path / "series")
+    out = tmp_path / "out"
+    assert main(["analyze", str(series), "--out", str(out), "--config", str(config), "--pipeline", "tiny"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "analysis.json").read_text())
+    assert summary["refused"] is None
+    assert {o["organ"]: o["status"] for o in summary["organs"]}["liver"] == "evaluated"
+    assert len(summary["findings"]) == 8
+    # the pipeline's stages and the encoders' times, without one overwriting the other
+    for key in (*STAGES, "dicom_encode", "encode_seg"):
+        assert key in summary["timings"], key
+    table = [line.split() for line in printed.splitlines()]
+    for f in summary["findings"]:
+        assert [f["organ"], f["finding"]] in [row[:2] for row in table]
+    assert "NOT FOR CLINICAL USE" in printed  # the tiny model says demo=True
+    for kind in ("seg", "sr", "sc"):
+        found = list(out.glob(f"{kind}_*.dcm"))
+        assert len(found) == 1, kind
+        assert pydicom.dcmread(found[0]).StudyInstanceUID == pydicom.dcmread(next(series.iterdir())).StudyInstanceUID
+    # a refused series: exit 3, analysis.json with the reason, no objects
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in sorted(series.iterdir())[:5]:
+        (broken / f.name).write_bytes(f.read_bytes())
+    assert main(["analyze", str(broken), "--out", str(tmp_path / "out2"), "--config", str(config),
+                 "--pipeline", "tiny"]) == 3
+    assert "too few slices" in json.loads((tmp_path / "out2" / "analysis.json").read_text())["refused"]
+    assert not list((tmp_path / "out2").glob("*.dcm"))
+    # a pipeline name the config does not have: a usage error naming the known ones
+    assert main(["analyze", str(series), "--out", str(out), "--config", str(config), "--pipeline", "x"]) == 2
+    assert "known: tiny" in capsys.readouterr().err
