@@ -115,12 +115,12 @@ class OrganVLP(nn.Module):
             # One 2D encoder applied to every slice (H, W) of the window.
             self.visual_encoder = VisionTransformer(
                 v.window[1:], p.slice_patch, v.hidden, v.depth, v.heads, v.mlp_dim, (), v.qkv_bias, v.dropout,
-                v.in_channels,
+                v.encoder_channels,
             )
         else:
             self.visual_encoder = VisionTransformer(
                 v.window, v.patch, v.hidden, v.depth, v.heads, v.mlp_dim, v.taps, v.qkv_bias, v.dropout,
-                v.in_channels,
+                v.encoder_channels,
             )
         self.text_encoder = build_text_encoder(spec.text, load_weights=load_text_weights)
         if spec.text.freeze:
@@ -135,8 +135,18 @@ class OrganVLP(nn.Module):
 
     # -- image side ----------------------------------------------------------------------------
 
+    def input_channels(self, image: torch.Tensor) -> torch.Tensor:
+        """The spec's HU windows as channels of a 0..1 input scaled from ``preprocess.hu_window``."""
+        windows = self.spec.vision.input_windows
+        if not windows:
+            return image
+        lo, hi = self.spec.preprocess.hu_window
+        hu = image * (hi - lo) + lo
+        return torch.cat([((hu - a) / (b - a)).clamp(0.0, 1.0) for a, b in windows], dim=1)
+
     def image_levels(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Encoder outputs used as pooling keys: 3D heads (B, L, C) per level; RadCLIP [(B, D, C)]."""
+        image = self.input_channels(image)
         if self.spec.pooling.kind == "radclip_slice":
             b, c, d, h, w = image.shape
             tokens, _ = self.visual_encoder(image.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w))

@@ -36,9 +36,15 @@ class VisionSpec(_Frozen):
     # 0-based indices of the blocks whose outputs join the final normed output as pooling keys
     # (fVLM: ``if i in [3, 6, 9]`` in its ViT forward).
     taps: tuple[int, ...] = (3, 6, 9)
+    # HU windows (low, high) the model derives from its 0..1 input as extra channels before the
+    # patch embedding (empty: the input as is, as fVLM). The input must have been scaled from
+    # ``preprocess.hu_window``; each channel is clip((HU - low) / (high - low), 0, 1).
+    input_windows: tuple[tuple[float, float], ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> VisionSpec:
+        if any(lo >= hi for lo, hi in self.input_windows):
+            raise ValueError(f"vision.input_windows must be (low, high) HU pairs with low < high: {self.input_windows}")
         if any(w % p for w, p in zip(self.window, self.patch)):
             raise ValueError(f"vision.window {self.window} must be a multiple of vision.patch {self.patch}")
         if self.hidden % self.heads:
@@ -46,6 +52,11 @@ class VisionSpec(_Frozen):
         if any(not 0 <= t < self.depth for t in self.taps):
             raise ValueError(f"vision.taps {self.taps} must be block indices in 0..{self.depth - 1}")
         return self
+
+    @property
+    def encoder_channels(self) -> int:
+        """Channels the patch embedding sees."""
+        return len(self.input_windows) * self.in_channels if self.input_windows else self.in_channels
 
     @property
     def grid(self) -> tuple[int, int, int]:

@@ -1,0 +1,114 @@
+"""VLP training: fVLM false-negative calibration, loss going down, checkpoint and resume, phantom windows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ai_core.training.vlp import (
+    OrganReport,
+    TrainConfig,
+    Window,
+    case_windows,
+    fn_calibrated_targets,
+    phantom_cases,
+    train_vlp,
+    youden_threshold,
+)
+from ai_core.vlp.checkpoint import load_checkpoint, read_checkpoint
+from ai_core.vlp.spec import tiny_spec
+
+torch.set_num_threads(1)
+
+
+def test_fn_calibrated_soft_targets_by_hand():
+    texts = ["Unremarkable liver.", "A cyst in the liver.", "The liver appears normal.", "A cyst in the liver.",
+             "Hepatomegaly."]
+    normal = [True, False, True, False, False]
+    t = fn_calibrated_targets(texts, normal)
+    half = 1 / 2
+    expected = torch.tensor([
+        [half, 0, half, 0, 0],  # normal texts are positives of each other
+        [0, half, 0, half, 0],  # identical texts too
+        [half, 0, half, 0, 0],
+        [0, half, 0, half, 0],
+        [0, 0, 0, 0, 1.0],  # a unique abnormal text: only itself
+    ])
+    assert torch.allclose(t, expected)
+    assert torch.allclose(t.sum(1), torch.ones(5))
+
+
+def test_youden_threshold_separates():
+    assert 0.3 < youden_threshold([0.1, 0.2, 0.3, 0.8, 0.9], [0, 0, 0, 1, 1]) < 0.8
+    assert youden_threshold([0.4, 0.6], [0, 0]) == 0.5
+
+
+def _synthetic_windows(n_cases: int, seed: int) -> list[Window]:
+    """Liver windows with or without a bright 'cyst' blob inside the organ; spleen windows normal."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in range(n_cases):
+        for organ in ("liver", "spleen"):
+            image = rng.normal(0.5, 0.02, (1, 32, 32, 32)).astype(np.float16)
+            mask = np.zeros((32, 32, 32), dtype=bool)
+            mask[4:28, 4:28, 4:28] = True
+            cyst = organ == "liver" and c % 2 == 0
+            if cyst:
+                z, y, x = rng.integers(8, 20, 3)
+                image[0, z : z + 6, y : y + 6, x : x + 6] = 0.9
+            text = "A cyst in the liver." if cyst else f"Unremarkable {organ}."
+            report = OrganReport(text, not cyst, {"cyst": cyst, "lesion": False})
+            out.append(Window(f"case{seed}-{c}", organ, image, np.packbits(mask.ravel()), report))
+    return out
+
+
+def _config(tmp_path, epochs: int, **kw) -> TrainConfig:
+    return TrainConfig(out_dir=tmp_path, epochs=epochs, batch_cases=4, lr=3e-3, warmup_steps=1, threads=1,
+                       progress=False, dictionary={"liver": {"normal": ["Unremarkable liver."],
+                                                             "cyst": ["A cyst in the liver."]}}, **kw)
+
+
+def test_a_few_steps_reduce_the_loss_and_calibrate(tmp_path):
+    spec = tiny_spec()
+    train, val = _synthetic_windows(16, 0), _synthetic_windows(8, 1)
+    path = train_vlp(spec, _config(tmp_path, epochs=6), train, val)
+    report = json.loads((tmp_path / "training.json").read_text())
+    losses = [h["loss"] for h in report["history"]]
+    assert losses[-1] < 0.8 * losses[0], losses
+    model, payload = load_checkpoint(path)
+    assert "training" not in payload  # the shipped model carries no optimizer state
+    assert set(model.spec.thresholds) == {"liver/cyst", "liver/lesion", "spleen/cyst", "spleen/lesion"}
+    assert report["validation"]["liver/cyst"]["auc"] > 0.7
+
+
+def test_checkpoint_reloads_and_training_resumes(tmp_path):
+    spec = tiny_spec()
+    train, val = _synthetic_windows(8, 2), _synthetic_windows(4, 3)
+    train_vlp(spec, _config(tmp_path, epochs=2), train, val)
+    first = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert first["training"]["epoch"] == 2
+    steps = []
+    train_vlp(spec, _config(tmp_path, epochs=3), train, val, on_step=lambda step, loss: steps.append(step))
+    resumed = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed["training"]["epoch"] == 3
+    assert steps == [first["training"]["step"] + 1, first["training"]["step"] + 2]  # one more epoch only
+    assert resumed["training"]["history"][:2] == first["training"]["history"]
+
+
+def test_phantom_windows_follow_the_crop_stage():
+    pytest.importorskip("ai_core.phantom.generator")
+    from ai_core.training.vlp import phantom_demo_spec
+
+    spec = phantom_demo_spec()
+    case = next(phantom_cases(5, [0], spacing=(4.0, 4.0, 6.0)))
+    windows = case_windows(case, spec, np.random.default_rng(0), jitter=2)
+    organs = {w.organ for w in windows}
+    assert {"liver", "spleen", "kidney_left", "kidney_right"} <= organs
+    for w in windows:
+        assert w.image.shape[0] == 1 and all(s % p == 0 for s, p in zip(w.shape, spec.vision.patch))
+        assert all(s >= m for s, m in zip(w.shape, spec.preprocess.min_window))
+        assert w.mask().any()
+        assert set(w.report.findings) == {f.key for f in spec.findings.get(w.organ, ())}
