@@ -17,10 +17,12 @@ Chromium from Debian.
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import logging
 import mimetypes
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,6 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO / "tests" / "viewer" / "install_ohif.sh"
 APP_CONFIG = Path(__file__).with_name("ohif_app_config.js")
 CHROMIUM = "/usr/bin/chromium"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # as tests/peers.py loads it
 
 # Chromium for a closed network: no background fetches, no component or sync traffic, no QUIC.
 # WebGL runs on SwiftShader (CPU): --disable-gpu keeps the GPU process off real hardware, and
@@ -73,13 +76,18 @@ def ohif_dist() -> Path:
     return dist
 
 
+def require_dicomweb_plugin() -> None:
+    """Fail saying what to install when Orthanc's DICOMweb plugin is missing."""
+    if not Path(DICOMWEB_PLUGIN).is_file():
+        pytest.fail(f"Orthanc's DICOMweb plugin {DICOMWEB_PLUGIN} is missing: run "
+                    "`apt-get install orthanc-dicomweb` (or `make test` as root)")
+
+
 def require_browser() -> str:
     """Chromium's path and Playwright's import check, or fail saying what to install."""
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: run `apt-get install chromium` (or `make test` as root)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         pytest.fail("the playwright Python package is missing: run `make install-test` "
                     "(never `playwright install`: the tests use Debian's Chromium)")
     return CHROMIUM
@@ -105,12 +113,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         path = urlsplit(self.path).path
-        if path.startswith(PROXIED_PREFIXES):
-            self._proxy()
-        elif self.command in ("GET", "HEAD"):
-            self._static(path)
-        else:
-            self._send(405, b"method not allowed", "text/plain")
+        self.server.activity(+1)
+        try:
+            if path.startswith(PROXIED_PREFIXES):
+                self._proxy()
+            elif self.command in ("GET", "HEAD"):
+                self._static(path)
+            else:
+                self._send(405, b"method not allowed", "text/plain")
+        finally:
+            self.server.activity(-1)
 
     def _static(self, path: str) -> None:
         if path == "/app-config.js":
@@ -167,6 +179,15 @@ class _Server(ThreadingHTTPServer):
         self.dist = dist.resolve()
         self.app_config = app_config
         self.orthanc_port = orthanc_port
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.last_activity = time.monotonic()
+
+    def activity(self, delta: int) -> None:
+        """Count a request starting (+1) or ending (-1)."""
+        with self._lock:
+            self.in_flight += delta
+            self.last_activity = time.monotonic()
 
 
 class OhifServer:
@@ -196,6 +217,17 @@ class OhifServer:
             self._thread.join(10)
             self._thread = None
         self._server.server_close()
+
+    def wait_idle(self, quiet: float = 1.0, timeout: float = 20.0) -> None:
+        """Block until no request has been in flight for ``quiet`` seconds (OHIF done fetching)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._server._lock:
+                idle = self._server.in_flight == 0 and time.monotonic() - self._server.last_activity >= quiet
+            if idle:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"OHIF kept fetching for {timeout} s")
 
     def viewer_url(self, study_uid: str) -> str:
         """The OHIF viewer route that opens one study."""

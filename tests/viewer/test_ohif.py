@@ -7,7 +7,10 @@ screenshots and the browser console go to ``test-artifacts/viewer/``.
 from __future__ import annotations
 
 import io
+import re
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,9 @@ import pytest
 
 from ai_core.phantom import make_ct_series
 from tests.peers import Orthanc
-from tests.viewer.harness import Browser, OhifServer, artifacts_dir
+from tests.viewer.harness import Browser, OhifServer, artifacts_dir, require_dicomweb_plugin
+from tests.viewer.phantom_study import ORGANS as PHANTOM_ORGANS
+from tests.viewer.phantom_study import make_phantom_study, phantom_result
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -55,18 +60,26 @@ def ct_study(tmp_path: Path) -> tuple[str, list[Path]]:
 @pytest.fixture
 def orthanc(tmp_path: Path):
     """Orthanc with DICOMweb on loopback, stopped after the test."""
+    require_dicomweb_plugin()
     with Orthanc(tmp_path / "orthanc", dicomweb=True) as o:
         yield o
 
 
 @pytest.fixture
-def viewer(orthanc: Orthanc, tmp_path: Path):
-    """(OHIF server, browser) pointed at the test's Orthanc."""
+def viewer(orthanc: Orthanc, tmp_path: Path, request):
+    """(OHIF server, browser) pointed at the test's Orthanc; the last page state and the whole
+    console are saved as ``<test>-last.png`` / ``<test>-console.txt`` whatever the outcome."""
     with OhifServer(orthanc.http_url) as server, Browser(tmp_path / "chromium-profile") as browser:
         yield server, browser
+        out, name = artifacts_dir(), request.node.name
+        browser.dump_console(out / f"{name}-console.txt")
+        try:
+            browser.page.screenshot(path=str(out / f"{name}-last.png"), timeout=5_000)
+        except Exception as e:  # a dead page must not hide the test's own failure
+            (out / f"{name}-last.txt").write_text(f"no screenshot: {e}\n")
 
 
-def test_ct_study_opens_and_renders(orthanc, viewer, ct_study, request):
+def test_ct_study_opens_and_renders(orthanc, viewer, ct_study):
     """The phantom CT opens in OHIF's viewer and its slice is drawn in the viewport."""
     server, browser = viewer
     study_uid, files = ct_study
@@ -79,17 +92,284 @@ def test_ct_study_opens_and_renders(orthanc, viewer, ct_study, request):
     px = wait_for_rendered_image(browser)
     shown_after = time.monotonic() - t0
     browser.page.screenshot(path=str(out / "ct.png"))
-    browser.dump_console(out / "ct-console.txt")
 
     assert browser.page.locator(VIEWPORT).count() >= 1, "OHIF shows no viewport pane"
     # A drawn phantom slice has air (black) around a grey body: neither blank nor uniform.
     dark = float((px < 20).mean())
     assert px.std() > 10 and 0.05 < dark < 0.95, (
         f"viewport canvas looks blank after {shown_after:.1f} s (std {px.std():.1f}, "
-        f"dark fraction {dark:.2f}); see {out / 'ct.png'} and ct-console.txt")
+        f"dark fraction {dark:.2f}); see {out / 'ct.png'}")
     # The overlay counts the series' images: every uploaded slice reached the viewer.
     body = browser.page.inner_text("body")
     assert f"/{len(files)})" in body, f"image counter for {len(files)} slices not on the page"
     assert "Something went wrong" not in body
     errors = browser.errors()
     assert not errors, "console errors:\n" + "\n".join(map(str, errors))
+
+
+# --- the node's SEG and SR -------------------------------------------------------------------
+
+SERIES_ITEM = '[data-cy="study-browser-thumbnail-no-image"]'  # non-image series (SEG, SR)
+CRASH_MARKERS = ("TypeError", "Cannot read properties", "is not a function", "Something went wrong")
+
+# Shown annotations of the viewport: label lines (SVG) plus world point and image (tool state).
+SHOWN_ANNOTATIONS_JS = """() => {
+  const svg = document.querySelector('[data-cy="viewport-pane"] svg.svg-layer');
+  if (!svg) return null;
+  const all = window.cornerstoneTools.annotation.state.getAllAnnotations();
+  const vp = window.cornerstone.getEnabledElements()[0].viewport;
+  return [...svg.querySelectorAll('g[data-annotation-uid]')].map(g => {
+    const uid = g.getAttribute('data-annotation-uid');
+    const a = all.find(a => a.annotationUID === uid);
+    return {uid, lines: [...g.querySelectorAll('tspan')].map(t => t.textContent),
+            tool: a?.metadata?.toolName ?? null, points: a?.data?.handles?.points ?? [],
+            image: a?.metadata?.referencedImageId ?? null, current: vp.getCurrentImageId()};
+  });
+}"""
+
+
+def encode(result, kinds: tuple[str, ...], out: Path) -> dict[str, Path]:
+    """The node's result objects for ``result``, written to ``out``; fails if the encoders are missing."""
+    try:
+        from ai_core.encode import encode_results, write_results
+    except ImportError as e:
+        pytest.fail(f"the result encoders (ai_core.encode.encode_results, issue 5) are missing: {e}")
+    return write_results(encode_results(result, kinds=kinds), out)
+
+
+def open_study(server: OhifServer, browser: Browser, study_uid: str) -> None:
+    """Open the study in OHIF's viewer and wait until the CT is drawn."""
+    browser.page.goto(server.viewer_url(study_uid), wait_until="domcontentloaded")
+    px = wait_for_rendered_image(browser)
+    assert px.std() > 10, "the CT never rendered"
+
+
+def open_series(browser: Browser, modality: str) -> None:
+    """Double-click the study browser's entry of a non-image series of this modality."""
+    page = browser.page
+    item = page.locator(SERIES_ITEM).filter(
+        has=page.locator('[data-cy="series-modality-label"]', has_text=modality))
+    item.first.wait_for(timeout=15_000)
+    assert item.count() == 1, f"expected one {modality} series in the study browser, found {item.count()}"
+    item.first.dblclick()
+
+
+def assert_no_crash(browser: Browser, what: str) -> None:
+    """The viewport pane is there, no error boundary, no console error, no crash logged at debug."""
+    page = browser.page
+    assert page.locator(VIEWPORT).count() >= 1, f"{what}: the viewport pane is gone"
+    assert "Something went wrong" not in page.inner_text("body"), f"{what}: OHIF shows 'Something went wrong'"
+    errors = browser.errors()
+    assert not errors, f"{what}: console errors:\n" + "\n".join(map(str, errors))
+    # OHIF 3.13 logs the SR viewport's crash with console.debug only.
+    crashes = [e for e in browser.console if e.type in ("debug", "warning")
+               and any(m in e.text for m in CRASH_MARKERS)]
+    assert not crashes, f"{what}: crash logged:\n" + "\n".join(map(str, crashes))
+
+
+def coloured_fraction(browser: Browser) -> float:
+    """Fraction of the viewport's central pixels that are clearly coloured (an overlay, not grey CT).
+
+    The central 70 % leaves out OHIF's coloured corner texts and orientation markers.
+    """
+    from PIL import Image
+
+    png = browser.page.locator(CANVAS).first.screenshot()
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    h, w = rgb.shape[:2]
+    rgb = rgb[int(0.15 * h):int(0.85 * h), int(0.15 * w):int(0.85 * w)]
+    return float(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).mean())
+
+
+@pytest.fixture
+def phantom(tmp_path: Path):
+    """The phantom CT with exact organ masks and its analysis result."""
+    study = make_phantom_study(tmp_path / "ct")
+    return study, phantom_result(study)
+
+
+# OHIF's loaded labelmap: per labelmap image, the CT instance it lies on and its pixels.
+LABELMAP_JS = """() => window.cornerstoneTools.segmentation.state.getSegmentations().map(s => ({
+  label: s.label,
+  segments: Object.fromEntries(Object.entries(s.segments).map(([k, v]) => [k, v.label])),
+  images: (s.representationData.Labelmap?.imageIds ?? []).map(id => {
+    const im = window.cornerstone.cache.getImage(id);
+    if (!im) return null;
+    const px = Array.from(im.getPixelData());
+    const nz = [];
+    px.forEach((v, i) => { if (v) nz.push([i, v]); });
+    return {ref: im.referencedImageId ?? null, rows: im.rows, columns: im.columns, nonzero: nz};
+  }),
+}))"""
+
+
+def instance_uid(image_id: str | None) -> str | None:
+    """SOP Instance UID in a cornerstone WADO-RS image id (``.../instances/<uid>/frames/1``)."""
+    if not image_id or "/instances/" not in image_id:
+        return None
+    return image_id.split("/instances/")[1].split("/")[0]
+
+
+def loaded_labelmap(browser: Browser, study) -> tuple[dict[int, str], np.ndarray]:
+    """(segment number -> label, label volume (k, j, i) in segment numbers) as OHIF holds it."""
+    segs = browser.page.evaluate(LABELMAP_JS)
+    assert len(segs) == 1, f"expected one segmentation in OHIF, found {len(segs)}"
+    vol = np.zeros_like(study.labels)
+    for im in segs[0]["images"]:
+        assert im is not None, "a labelmap image is not in OHIF's cache"
+        k = study.slice_of(instance_uid(im["ref"]))
+        assert k is not None, f"labelmap image on an instance outside the CT series: {im['ref']}"
+        assert (im["rows"], im["columns"]) == vol.shape[1:], "labelmap image size differs from the CT"
+        for i, v in im["nonzero"]:
+            vol[k].flat[i] = v
+    return {int(n): label for n, label in segs[0]["segments"].items()}, vol
+
+
+def test_seg_loads_as_overlay_with_every_segment(orthanc, viewer, phantom, tmp_path):
+    """The node's SEG opens over the CT after OHIF's prompt; the panel lists every organ segment
+    and OHIF's labelmap equals the phantom's organ masks voxel for voxel."""
+    from ai_core.catalogue import organ as organ_entry
+
+    server, browser = viewer
+    study, result = phantom
+    paths = encode(result, ("seg",), tmp_path / "results")
+    for f in [*study.files, paths["seg"]]:
+        orthanc.upload(f)
+    seg = pydicom.dcmread(paths["seg"], stop_before_pixels=True)
+    expected = [s.SegmentLabel for s in seg.SegmentSequence]
+    evaluated = [o.organ for o in result.organs if o.status == "evaluated"]
+    by_name = {organ_entry(key).display_name: key for key in evaluated}
+    assert sorted(expected) == sorted(by_name), f"SEG segments {expected} vs evaluated organs {evaluated}"
+    out = artifacts_dir()
+    page = browser.page
+
+    open_study(server, browser, study.study_uid)
+    assert coloured_fraction(browser) < 0.001, "colour in the viewport before the SEG was opened"
+    open_series(browser, "SEG")
+    page.locator('[data-cy="yes-hydrate-btn"]').click(timeout=15_000)  # "open this Segmentation?"
+    page.locator('[data-cy="panelSegmentation-btn"]').click()
+    rows = page.locator('[data-cy="data-row-title"]')
+    deadline = time.monotonic() + 15
+    while rows.count() < len(expected) and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+    shown = [t.strip() for t in rows.all_inner_texts()]
+    page.wait_for_timeout(500)  # let the labelmap render after the panel opens
+    page.screenshot(path=str(out / "seg.png"))
+
+    assert shown == expected, f"segment panel shows {shown}, the SEG has {expected}"
+    coloured = coloured_fraction(browser)
+    assert coloured > 0.002, f"no segmentation overlay drawn on the CT ({coloured:.4f} coloured); see seg.png"
+    assert_no_crash(browser, "SEG")
+
+    # Every segment sits exactly where the organ is: OHIF's labelmap against the phantom's masks.
+    segments, loaded = loaded_labelmap(browser, study)
+    assert sorted(segments.values()) == sorted(expected), f"OHIF segments {segments} vs SEG {expected}"
+    for number, name in segments.items():
+        truth = study.labels == PHANTOM_ORGANS[by_name[name]][0]
+        got = loaded == number
+        wrong = int((truth != got).sum())
+        assert wrong == 0, (f"segment {number} ({name}): {wrong} voxels differ from the organ mask "
+                            f"({int(got.sum())} shown, {int(truth.sum())} expected)")
+
+
+def wait_for_sr_annotations(browser: Browser, timeout: float = 15.0) -> int:
+    """Wait until OHIF has turned the SR's point groups into annotations; return how many."""
+    js = """() => window.cornerstoneTools?.annotation.state.getAllAnnotations()
+              .filter(a => a.metadata?.toolName === 'DICOMSRDisplay').length ?? 0"""
+    deadline = time.monotonic() + timeout
+    while (n := browser.page.evaluate(js)) == 0 and time.monotonic() < deadline:
+        browser.page.wait_for_timeout(100)
+    return n
+
+
+def step_through_findings(browser: Browser, steps: int, out: Path) -> tuple[list[dict], int]:
+    """Every annotation drawn while stepping with the viewport's next-finding arrow, and the
+    number of steps that drew none (a screenshot of each step goes to ``out``)."""
+    page = browser.page
+    seen: list[dict] = []
+    blank = 0
+    for i in range(steps):
+        page.wait_for_timeout(400)
+        shown = page.evaluate(SHOWN_ANNOTATIONS_JS) or []
+        overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]').inner_text()
+        page.screenshot(path=str(out / f"sr-step{i}.png"))
+        seen += [{**a, "overlay": overlay, "step": i} for a in shown]
+        blank += not shown
+        page.locator('[data-cy="viewport-action-arrows-right"]').click()
+    return seen, blank
+
+
+def check_arrow(f, a: dict, study) -> list[str]:
+    """What is wrong with the arrow shown for a present finding (empty when it is right)."""
+    what = f"{f.organ}/{f.finding}"
+    if a["image"] != a["current"]:
+        return [f"{what}: arrow drawn for another image than the one shown"]
+    k = study.slice_of(instance_uid(a["image"]))
+    if k is None or not a["points"]:
+        return [f"{what}: arrow not on a CT slice of the series ({a['image']})"]
+    tip = np.asarray(a["points"][0], float)
+    problems = []
+    if study.voxel(tip)[0] != k:
+        problems.append(f"{what}: arrow tip z={tip[2]:.1f} is not on slice {k}")
+    number = study.instance_numbers[k]
+    if not re.match(rf"I:\s*{number}\b", a["overlay"]):
+        problems.append(f"{what}: viewport shows {a['overlay']!r}, not instance {number} (slice {k})")
+    if study.label_at(tip) != PHANTOM_ORGANS[f.organ][0]:
+        problems.append(f"{what}: arrow tip {tip.round(1)} is not on the {f.organ}")
+    if f.point_lps is not None:
+        d = np.abs(tip - np.asarray(f.point_lps))
+        if d[2] > study.spacing[2] / 2 or np.hypot(d[0], d[1]) > 2 * study.spacing[0]:
+            problems.append(f"{what}: arrow tip {tip.round(1)} is far from the finding at "
+                            f"{np.round(f.point_lps, 1)}")
+    return problems
+
+
+def test_sr_shows_every_present_finding_on_its_slice(orthanc, viewer, phantom, tmp_path):
+    """The node's SR opens without crashing; each present finding has an arrow on its organ, on the
+    slice shown, labelled with its probability, organ and finding."""
+    from ai_core.catalogue import finding as finding_entry
+    from ai_core.catalogue import organ as organ_entry
+
+    server, browser = viewer
+    study, result = phantom
+    paths = encode(result, ("seg", "sr"), tmp_path / "results")
+    for f in [*study.files, paths["seg"], paths["sr"]]:
+        orthanc.upload(f)
+    out = artifacts_dir()
+
+    open_study(server, browser, study.study_uid)
+    open_series(browser, "SR")
+    n_annotations = wait_for_sr_annotations(browser)
+    assert_no_crash(browser, "SR")
+    assert n_annotations > 0, "OHIF made no annotation from the SR's point groups"
+
+    # OHIF 3.13.2 sometimes draws nothing on the slice it first jumps to (the SVG layer is drawn
+    # before the annotations exist, and stepping between findings on the same slice does not
+    # redraw); changing slice draws them. So: step through every finding twice (the arrows
+    # cycle), collect what is drawn, and report blank steps as a warning, not a failure.
+    shown, blank = step_through_findings(browser, 2 * len(result.findings) + 2, out)
+    assert_no_crash(browser, "SR after stepping through the findings")
+    if blank:
+        warnings.warn(f"OHIF drew no SR annotation on {blank} of {2 * len(result.findings) + 2} steps")
+    best = max(range(2 * len(result.findings) + 2), key=lambda i: sum(a["step"] == i for a in shown))
+    shutil.copy(out / f"sr-step{best}.png", out / "sr.png")
+
+    problems = []
+    for f in (f for f in result.findings if f.decision == "present"):
+        prob = re.compile(rf"(?<![\d.]){f.probability:.2f}(?!\d)")
+        mine = [a for a in shown if any(prob.search(line) for line in a["lines"])]
+        if not mine:
+            problems.append(f"{f.organ}/{f.finding}: no arrow labelled {f.probability:.2f}")
+            continue
+        problems += check_arrow(f, mine[0], study)
+        # The label names the organ, with its side (both kidneys can be on one slice), and the finding.
+        organ, kind = organ_entry(f.organ), finding_entry(f.finding)
+        words = [organ.code.meaning, kind.code.meaning]
+        if organ.laterality is not None:
+            words.append(organ.laterality.meaning)
+        text = " ".join(mine[0]["lines"]).lower()
+        missing = [w for w in words if w.lower() not in text]
+        if missing:
+            problems.append(f"{f.organ}/{f.finding}: label {mine[0]['lines']} does not name {missing}")
+    assert not problems, "\n".join(problems) + "\nshown while stepping:\n" + "\n".join(
+        f"{a['overlay']} {a['lines']} {a['points']}" for a in shown)
