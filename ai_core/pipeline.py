@@ -26,6 +26,7 @@ Errors:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -258,23 +259,54 @@ class OrganStats:
     touches_edge: bool  # its bounding box reaches a face of the volume: it may be cut off
 
 
-def organ_stats(labels: sitk.Image) -> dict[int, OrganStats]:
-    """Per label value: voxel count, volume (mL) and centroid (LPS mm), in one multithreaded pass."""
-    f = sitk.LabelShapeStatisticsImageFilter()
-    f.SetComputePerimeter(False)
-    f.SetComputeFeretDiameter(False)
-    f.SetComputeOrientedBoundingBox(False)
-    f.Execute(labels)
+def organ_stats(labels: sitk.Image, stride: int | None = None) -> dict[int, OrganStats]:
+    """Per label value: exact voxel count and volume (mL), centroid (LPS mm), whether it reaches an edge.
+
+    Counts are exact (one ``torch.bincount`` pass); centroids come from the per-axis marginals of
+    every ``stride``-th voxel along each axis (default: about 2 million voxels in all), within a
+    couple of voxels of the exact centroid, at a cost that does not depend on the shapes (ITK's
+    shape statistics are fast on smooth maps but take tens of seconds on a fragmented one).
+    """
+    import warnings
+
+    import torch
+
+    arr = sitk.GetArrayViewFromImage(labels)  # (z, y, x), valid while ``labels`` lives
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.uint8)
+    with warnings.catch_warnings():  # read-only view: bincount only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        counts = torch.bincount(torch.from_numpy(arr).reshape(-1), minlength=256).numpy()
+    values = [int(v) for v in np.flatnonzero(counts[1:]) + 1]
+    if not values:
+        return {}
+    faces = (arr[0], arr[-1], arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1])
+    on_edge = set().union(*(np.unique(f).tolist() for f in faces))
+
+    if stride is None:
+        stride = max(1, math.ceil((arr.size / 2e6) ** (1 / 3)))
+    sub = np.ascontiguousarray(arr[::stride, ::stride, ::stride])
+    sums = np.zeros((256, 3))
+    weight = np.zeros(256)
+    for axis in range(3):
+        n = sub.shape[axis]
+        shape = [1, 1, 1]
+        shape[axis] = n
+        index = sub.astype(np.int32) + (np.arange(n, dtype=np.int32) * 256).reshape(shape)
+        marginal = torch.bincount(torch.from_numpy(index).reshape(-1), minlength=n * 256).numpy().reshape(n, 256)
+        del index
+        sums[:, axis] = (marginal * (np.arange(n) * stride)[:, None]).sum(0)
+        weight = marginal.sum(0)
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
-    size = labels.GetSize()
     out = {}
-    for v in f.GetLabels():
-        if v == 0:
-            continue
-        box = f.GetBoundingBox(v)  # (x, y, z start..., x, y, z size...)
-        edge = any(box[k] == 0 or box[k] + box[k + 3] == size[k] for k in range(3))
-        n = int(f.GetNumberOfPixels(v))
-        out[int(v)] = OrganStats(n, round(n * voxel_ml, 2), tuple(round(float(c), 2) for c in f.GetCentroid(v)), edge)
+    for v in values:
+        if weight[v] > 0:
+            zyx = sums[v] / weight[v]
+        else:  # smaller than the stride: look at full resolution
+            zyx = np.argwhere(arr == v).mean(0)
+        centroid = labels.TransformContinuousIndexToPhysicalPoint(tuple(float(c) for c in zyx[::-1]))
+        n = int(counts[v])
+        out[v] = OrganStats(n, round(n * voxel_ml, 2), tuple(round(float(c), 2) for c in centroid), v in on_edge)
     return out
 
 
