@@ -55,8 +55,9 @@ class PhantomStudy:
 
 
 def make_phantom_study(out_dir: Path, n_slices: int = 20, size: int = 128,
-                       spacing: tuple[float, float, float] = (2.8, 2.8, 5.0)) -> PhantomStudy:
-    """Write the phantom CT series (ascending slices, identity orientation) and its label map."""
+                       spacing: tuple[float, float, float] = (2.8, 2.8, 5.0), seed: int = 11) -> PhantomStudy:
+    """Write the phantom CT series (ascending slices, identity orientation) and its label map;
+    the UIDs derive from ``seed``."""
     import pydicom
 
     sx, sy, sz = spacing
@@ -74,7 +75,7 @@ def make_phantom_study(out_dir: Path, n_slices: int = 20, size: int = 128,
     img = sitk.GetImageFromArray(hu)
     img.SetSpacing(spacing)
     img.SetOrigin((float(x[0]), float(y[0]), float(z[0])))
-    files = write_series(img, Path(out_dir), seed=11, series_description="CT phantom")
+    files = write_series(img, Path(out_dir), seed=seed, series_description="CT phantom")
     # write_series numbers instances along k; keep the files in slice (k) order.
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     order = np.argsort([float(h.ImagePositionPatient[2]) for h in headers])

@@ -11,6 +11,7 @@ import re
 import shutil
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -57,20 +58,28 @@ def ct_study(tmp_path: Path) -> tuple[str, list[Path]]:
     return study_uid, files
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path):
-    """Orthanc with DICOMweb on loopback, stopped after the test."""
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory):
+    """Orthanc with DICOMweb on loopback for this module (each test uploads its own study, with
+    its own UIDs); stopped after the last test."""
     require_dicomweb_plugin()
-    with Orthanc(tmp_path / "orthanc", dicomweb=True) as o:
+    with Orthanc(tmp_path_factory.mktemp("orthanc"), dicomweb=True) as o:
         yield o
 
 
+@pytest.fixture(scope="module")
+def ohif(orthanc: Orthanc):
+    """The OHIF server in front of the module's Orthanc."""
+    with OhifServer(orthanc.http_url) as server:
+        yield server
+
+
 @pytest.fixture
-def viewer(orthanc: Orthanc, tmp_path: Path, request):
-    """(OHIF server, browser) pointed at the test's Orthanc; the last page state and the whole
-    console are saved as ``<test>-last.png`` / ``<test>-console.txt`` whatever the outcome."""
-    with OhifServer(orthanc.http_url) as server, Browser(tmp_path / "chromium-profile") as browser:
-        yield server, browser
+def viewer(ohif: OhifServer, tmp_path: Path, request):
+    """(OHIF server, a fresh browser); the last page state and the whole console are saved as
+    ``<test>-last.png`` / ``<test>-console.txt`` whatever the outcome."""
+    with Browser(tmp_path / "chromium-profile") as browser:
+        yield ohif, browser
         out, name = artifacts_dir(), request.node.name
         browser.dump_console(out / f"{name}-console.txt")
         try:
@@ -158,6 +167,7 @@ def assert_no_crash(browser: Browser, what: str) -> None:
     """The viewport pane is there, no error boundary, no console error, no crash logged at debug."""
     page = browser.page
     assert page.locator(VIEWPORT).count() >= 1, f"{what}: the viewport pane is gone"
+    assert page.locator(CANVAS).count() >= 1, f"{what}: the viewport pane shows no image"
     assert "Something went wrong" not in page.inner_text("body"), f"{what}: OHIF shows 'Something went wrong'"
     errors = browser.errors()
     assert not errors, f"{what}: console errors:\n" + "\n".join(map(str, errors))
@@ -182,9 +192,9 @@ def coloured_fraction(browser: Browser) -> float:
 
 
 @pytest.fixture
-def phantom(tmp_path: Path):
-    """The phantom CT with exact organ masks and its analysis result."""
-    study = make_phantom_study(tmp_path / "ct")
+def phantom(tmp_path: Path, request):
+    """The phantom CT with exact organ masks and its analysis result; UIDs differ per test."""
+    study = make_phantom_study(tmp_path / "ct", seed=zlib.crc32(request.node.name.encode()))
     return study, phantom_result(study)
 
 
@@ -289,7 +299,7 @@ def step_through_findings(browser: Browser, steps: int, out: Path) -> tuple[list
     seen: list[dict] = []
     blank = 0
     for i in range(steps):
-        page.wait_for_timeout(400)
+        page.wait_for_timeout(300)
         shown = page.evaluate(SHOWN_ANNOTATIONS_JS) or []
         overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]').inner_text()
         page.screenshot(path=str(out / f"sr-step{i}.png"))
@@ -373,3 +383,53 @@ def test_sr_shows_every_present_finding_on_its_slice(orthanc, viewer, phantom, t
             problems.append(f"{f.organ}/{f.finding}: label {mine[0]['lines']} does not name {missing}")
     assert not problems, "\n".join(problems) + "\nshown while stepping:\n" + "\n".join(
         f"{a['overlay']} {a['lines']} {a['points']}" for a in shown)
+
+
+def segment_only_sr(study, seg_path: Path, out: Path) -> Path:
+    """An SR whose only measurement group references a SEG segment: the layout that crashes
+    OHIF 3.13.2's SR viewport (issue 5). Built here to prove the crash checks above catch it."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    seg = pydicom.dcmread(seg_path)
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="liver"),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=1,
+            source_series=hd.sr.SourceSeriesForSegmentation(study.series_uid)),
+        finding_type=hd.sr.CodedConcept("52988006", "SCT", "Lesion"))
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(uid=hd.UID(), name="test"))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion, imaging_measurements=[group])
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*map(pydicom.dcmread, study.files), seg], content=report, series_number=99,
+        series_instance_uid=hd.UID(), sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="test", series_description="segment-only SR")
+    sr.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_crash_checks_catch_the_sr_viewport_crash(orthanc, viewer, phantom, tmp_path):
+    """The harness notices OHIF's SR viewport crash, which OHIF logs with console.debug only."""
+    server, browser = viewer
+    study, result = phantom
+    paths = encode(result, ("seg",), tmp_path / "results")
+    sr = segment_only_sr(study, paths["seg"], tmp_path / "segment-only-sr.dcm")
+    for f in [*study.files, paths["seg"], sr]:
+        orthanc.upload(f)
+
+    open_study(server, browser, study.study_uid)
+    open_series(browser, "SR")
+    caught = None
+    deadline = time.monotonic() + 10
+    while caught is None and time.monotonic() < deadline:
+        browser.page.wait_for_timeout(250)
+        try:
+            assert_no_crash(browser, "segment-only SR")
+        except AssertionError as e:
+            caught = str(e)
+    assert caught is not None, "the crash checks did not notice OHIF's SR viewport crash"
+    assert re.search("ReferencedSOPSequence|Something went wrong|shows no image", caught), caught
