@@ -75,7 +75,8 @@ def make_phantom_study(out_dir: Path, n_slices: int = 20, size: int = 128,
     img = sitk.GetImageFromArray(hu)
     img.SetSpacing(spacing)
     img.SetOrigin((float(x[0]), float(y[0]), float(z[0])))
-    files = write_series(img, Path(out_dir), seed=seed, series_description="CT phantom")
+    files = write_series(img, Path(out_dir), seed=seed, series_description="CT phantom",
+                         patient_id=f"VIEWER-{seed % 10**8}")  # OHIF lists a patient's other studies
     # write_series numbers instances along k; keep the files in slice (k) order.
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     order = np.argsort([float(h.ImagePositionPatient[2]) for h in headers])

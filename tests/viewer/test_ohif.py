@@ -53,7 +53,7 @@ def wait_for_rendered_image(browser: Browser, timeout: float = 20.0) -> np.ndarr
 def ct_study(tmp_path: Path) -> tuple[str, list[Path]]:
     """A small phantom CT series on disk: (Study Instance UID, files)."""
     files = make_ct_series(tmp_path / "ct", n_slices=20, rows=128, cols=128,
-                           spacing=(2.8, 2.8, 5.0), seed=7)
+                           spacing=(2.8, 2.8, 5.0), seed=7, patient_id="VIEWER-CT")
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     return study_uid, files
 
