@@ -48,6 +48,8 @@ class NodeProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "node.log"
+        self._factory = None
+        self._config = None
 
     def start(self, timeout: float = 60) -> "NodeProcess":
         """Start the node and wait until it listens."""
@@ -98,8 +100,25 @@ class NodeProcess:
         return r
 
     def status(self) -> dict:
-        """``dicom-node status --json``."""
-        return json.loads(self.cli("status", "--json").stdout)
+        """What ``dicom-node status --json`` shows, read in-process (a CLI per poll is slow)."""
+        from dicom_node.commands.status import collect
+        from dicom_node.config import load_config
+        from storage.db import make_engine, session_factory
+
+        if self._factory is None:
+            self._config = load_config(self.config_path, environ={})
+            self._factory = session_factory(make_engine(self._config.database_url))
+        return collect(self._config, self._factory)
+
+    def jobs(self) -> list:
+        """Every job row, oldest first (read in-process)."""
+        from sqlalchemy import select
+
+        from storage.models import Job
+
+        self.status()  # opens the database
+        with self._factory() as s:
+            return list(s.scalars(select(Job).order_by(Job.id)))
 
     def files(self) -> list[Path]:
         """Stored instance files (not temporaries)."""

@@ -39,6 +39,9 @@ def test_storescu_100_slices_stored_as_sent_and_forwarded_to_orthanc(tmp_path):
         st = node.wait_for(lambda: (s := node.status())["series"].get("complete") == 1 and s["jobs"].get(
             "forward/done") == 1 and s, timeout=60, what="series complete and forwarded")
         assert st["deliveries"] == {"done": 100}
+        out = node.cli("status").stdout  # what an administrator reads
+        assert f"listener CTVLP@127.0.0.1:{node.port}: listening" in out
+        assert "forward/done 1" in out and "deliveries: done 100" in out
         series_uid = dcmread(files[0]).SeriesInstanceUID
         found = orthanc.find_series(series_uid)
         assert found is not None and len(found["Instances"]) == 100
@@ -202,10 +205,11 @@ def test_destination_down_then_up_is_delivered_and_never_up_fails_visibly(tmp_pa
                                                      str(dcmread(files[0]).SeriesInstanceUID)},
                              "forward": ["late"]},
                             {"name": "other", "match": {"Modality": "CT"}, "forward": ["dead"]}],
-                     extra={"workers": {"max_attempts": 3}}) as node:
+                     extra={"workers": {"max_attempts": 6, "backoff_base": 1, "backoff_max": 4}}) as node:
         storescu(node.port, files)
         storescu(node.port, files2)
-        node.wait_for(lambda: "LATE@127.0.0.1" in node.cli("jobs").stdout, timeout=30,
+        node.wait_for(lambda: any(j.params.get("destination") == "late" and j.attempts >= 1 and j.last_error
+                                  for j in node.jobs()), timeout=30, interval=0.1,
                       what="a failed attempt to the late destination")
         with StoreSCP(tmp_path / "late", aet="LATE", port=late_port) as late:
             node.wait_for(lambda: len(late.files()) == 5, timeout=30, what="delivery after the peer came up")

@@ -24,14 +24,14 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
-def collect(config) -> dict:
+def collect(config, factory=None) -> dict:
     """The status as a dict (also used by tests and the demo)."""
     from sqlalchemy import func, select
 
     from dicom_node.jobs import age
     from storage.models import Delivery, Job, Meta, Series
 
-    factory = open_db(config)
+    factory = factory or open_db(config)
     with factory() as s:
         series = dict(s.execute(select(Series.state, func.count()).group_by(Series.state)).all())
         job_states = {f"{k}/{st}": n for k, st, n in s.execute(
