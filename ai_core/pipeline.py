@@ -92,7 +92,7 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError("device is 'cuda' but torch sees no GPU; set device to 'auto' or 'cpu'")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise PipelineError(f"device {device!r} is not allowed; use cpu, cuda or auto")
@@ -518,6 +518,11 @@ class Pipeline:
         for organ in organs:
             groups.setdefault(tuple(crops.crops[organ].image.shape), []).append(organ)
         out: dict[str, Any] = {}
+        inner = None
+        if bar is not None:
+            from tqdm import tqdm
+
+            inner = tqdm(total=len(organs), desc="  organ windows", unit="organ", leave=False)
         with torch.inference_mode():
             for names in groups.values():
                 image = torch.from_numpy(np.stack([crops.crops[o].image for o in names])).to(self.device)
@@ -534,6 +539,10 @@ class Pipeline:
                     out[organ] = self.model.project_image(pooled, index).float().cpu()
                 self._vlp_seconds += time.perf_counter() - t0
                 del levels, image
+                if inner is not None:
+                    inner.update(len(names))
+        if inner is not None:
+            inner.close()
         return out
 
     def warm_up(self) -> None:
