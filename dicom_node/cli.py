@@ -12,8 +12,12 @@ from dicom_node import __version__, commands
 from dicom_node.errors import UserError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand found in ``dicom_node.commands``."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand found in ``dicom_node.commands``.
+
+    With ``only``, just that subcommand gets its arguments: some commands (train) describe theirs
+    with heavy imports, which must not slow down every other command.
+    """
     parser = argparse.ArgumentParser(
         prog="dicom-node",
         description="CT vision-language DICOM node: receives CT series, finds per-organ "
@@ -27,14 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
         if not hasattr(module, "run"):
             continue
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
+        if only is None or only == module.NAME:
+            module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command or "")
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     if args.command == "serve" and args.verbose == 0:
