@@ -89,6 +89,11 @@ def run_analyze_job(job: Job, ctx: WorkerContext) -> dict:
         return {"reused": True, "objects": {r.kind: r.sop_instance_uid for r in same}}
 
     result = pipeline.analyze(files)
+    with ctx.factory() as s:
+        if s.get(Job, job.id).superseded:  # the series grew while we analysed it: a newer job covers it
+            log.info("job %d: series %s changed during the analysis; results discarded", job.id,
+                     job.series_instance_uid)
+            return {"superseded": True, "objects": {}}
     if result.refused:
         # nothing to encode against (no usable geometry); the job records why, visibly
         log.warning("job %d: series %s cannot be analysed safely: %s", job.id, job.series_instance_uid,

@@ -138,6 +138,8 @@ class Workers(Strict):
     """Job workers: separate processes that claim jobs from the database."""
 
     count: int = Field(1, ge=0, description="worker processes started by `serve`; 0 when they run as their own service")
+    # workers that only deliver (forward jobs), so results and forwards never wait behind an analysis
+    delivery_count: int = Field(1, ge=0, description="delivery-only worker processes started by `serve`")
     max_attempts: int = Field(5, ge=1)
     backoff_base: float = Field(2.0, gt=0, description="seconds before the first retry; doubles each attempt")
     backoff_max: float = Field(300.0, gt=0)

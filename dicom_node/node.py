@@ -75,7 +75,11 @@ class Node:
                 raise ConfigError(f"cannot listen on {listener.host}:{listener.port}: {exc.strerror}; "
                                   "another process holds the port or it needs privileges: change "
                                   "listeners[].port") from None
-        self.worker_procs = spawn_workers(self.config, self.n_workers, logging.getLogger().level)
+        level = logging.getLogger().level
+        self.worker_procs = spawn_workers(self.config, self.n_workers, level)
+        if self.n_workers:
+            self.worker_procs += spawn_workers(self.config, self.config.workers.delivery_count, level,
+                                               kinds=["forward"], name="delivery")
         self._beat = threading.Thread(target=self._heartbeat_loop, name="node-heartbeat", daemon=True)
         self._beat.start()
         log.info("node started in %.1f s (%d instances re-indexed from disk, %d workers)",
@@ -116,7 +120,9 @@ class Node:
             for i, p in enumerate(self.worker_procs):
                 if not p.is_alive() and not self._stop.is_set():
                     log.error("worker %s exited with %s; restarting it", p.name, p.exitcode)
-                    self.worker_procs[i] = spawn_workers(self.config, 1, logging.getLogger().level)[0]
+                    kinds = ["forward"] if p.name.startswith("delivery") else None
+                    self.worker_procs[i] = spawn_workers(self.config, 1, logging.getLogger().level, kinds=kinds,
+                                                         name=p.name.rsplit("-", 1)[0])[0]
             self._stop.wait(5)
 
     def _rearm_pending(self) -> None:

@@ -89,23 +89,24 @@ class Worker:
         log.info("worker %s stopped", self.id)
 
 
-def worker_main(config: Config, log_level: int = logging.INFO) -> None:
-    """Entry point of a spawned worker process."""
+def worker_main(config: Config, log_level: int = logging.INFO, kinds: list[str] | None = None) -> None:
+    """Entry point of a spawned worker process (``kinds``: only claim these job kinds)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     # pynetdicom logs every DIMSE message at INFO; keep the worker's log about jobs
     logging.getLogger("pynetdicom").setLevel(max(log_level, logging.WARNING))
-    worker = Worker(config)
+    worker = Worker(config, kinds=kinds)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stop_event.set())
     worker.run()
 
 
-def spawn_workers(config: Config, count: int, log_level: int = logging.INFO) -> list[multiprocessing.Process]:
+def spawn_workers(config: Config, count: int, log_level: int = logging.INFO, kinds: list[str] | None = None,
+                  name: str = "worker") -> list[multiprocessing.Process]:
     """Start ``count`` worker processes with the spawn method."""
     ctx = multiprocessing.get_context("spawn")
     procs = []
     for i in range(count):
-        p = ctx.Process(target=worker_main, args=(config, log_level), name=f"worker-{i + 1}", daemon=False)
+        p = ctx.Process(target=worker_main, args=(config, log_level, kinds), name=f"{name}-{i + 1}", daemon=False)
         p.start()
         procs.append(p)
     return procs
