@@ -142,3 +142,58 @@ def test_totalsegmentator_runs_when_weights_are_installed(tmp_path):
     vol, _ = phantom_volume(tmp_path)
     result = make_segmenter("totalsegmentator", fast=True).segment(vol)
     assert result.labels.GetSize() == vol.image.GetSize()
+
+
+def test_a_wholebody_style_bundle_with_overrides(tmp_path):
+    """A bundle shaped like MONAI's wholeBody_ct_segmentation (expressions, 105 outputs, low-res switch)."""
+    from ai_core.catalogue import WHOLEBODY_CT_CLASSES
+
+    bundle = tmp_path / "wholeBody_ct_segmentation"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    config = {
+        "displayable_configs": {"highres": True},
+        "imports": ["$import glob", "$import os"],
+        "bundle_root": ".",
+        "image_key": "image",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "pixdim": "$[1.5, 1.5, 1.5] if @displayable_configs#highres else [3.0, 3.0, 3.0]",
+        "modelname": "$'model.pt' if @displayable_configs#highres else 'model_lowres.pt'",
+        "network_def": {"_target_": "SegResNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 105,
+                        "init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "@image_key"},
+            {"_target_": "EnsureTyped", "keys": "@image_key"},
+            {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
+            {"_target_": "Orientationd", "keys": "@image_key", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "@image_key", "pixdim": "@pixdim", "mode": "bilinear"},
+            {"_target_": "NormalizeIntensityd", "keys": "@image_key", "nonzero": True},
+            {"_target_": "ScaleIntensityd", "keys": "@image_key", "minv": -1.0, "maxv": 1.0}]},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 32], "sw_batch_size": 1,
+                    "overlap": 0.25, "mode": "gaussian",
+                    "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"},
+        "checkpointloader": {"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/' + @modelname",
+                             "load_dict": {"model": "@network"}},
+    }
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    channel_def = {"0": "background", **{str(k): v for k, v in WHOLEBODY_CT_CLASSES.items()}}
+    meta = {"name": "Whole body CT segmentation", "version": "0.1.9",
+            "network_data_format": {"outputs": {"pred": {"channel_def": channel_def}}}}
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
+    from monai.networks.nets import SegResNet
+
+    torch.manual_seed(0)
+    net = SegResNet(spatial_dims=3, in_channels=1, out_channels=105, init_filters=8, blocks_down=[1, 1], blocks_up=[1])
+    torch.save(net.state_dict(), bundle / "models" / "model_lowres.pt")
+    # The high-resolution weights are not there: the error names the file it expected.
+    with pytest.raises(WeightsMissing, match="model.pt"):
+        make_segmenter("monai_bundle", bundle_dir=bundle)
+    seg = make_segmenter("monai_bundle", bundle_dir=bundle, overrides={"displayable_configs#highres": False})
+    assert seg.input.spacing == (3.0, 3.0, 3.0) and seg.input.axcodes == "RAS"
+    assert set(seg.organ_labels) == set(CATALOGUE_LABELS)  # every catalogue organ is in TotalSegmentator v1
+    vol, _ = phantom_volume(tmp_path)
+    result = seg.segment(vol)
+    assert result.model.name == "Whole body CT segmentation"
+    assert result.labels.GetSize() == vol.image.GetSize()
+    assert set(np.unique(result.array())) <= {0, *CATALOGUE_LABELS.values()}

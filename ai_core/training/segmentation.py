@@ -47,14 +47,17 @@ class SegTrainConfig:
     steps: int = 1500
     batch_size: int = 2
     patch: tuple[int, int, int] = (64, 64, 64)
-    lr: float = 3e-3
+    lr: float = 5e-3
     weight_decay: float = 1e-4
     spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)  # network grid, mm (RAS x, y, z)
-    hu_range: tuple[float, float] = (-1000.0, 1000.0)
+    # One input channel per HU window: the wide one sees air, lung and bone, the narrow one the
+    # 10-50 HU differences between abdominal organs that the wide one squeezes into 2 % of its range.
+    hu_ranges: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0), (-160.0, 240.0))
+    norm: str = "batch"  # batch norm: at inference each voxel depends on its neighbourhood only
     channels: tuple[int, ...] = (8, 16, 32, 64)
     num_res_units: int = 1
     roi_size: tuple[int, int, int] = (128, 128, 128)  # inference window of the exported bundle
-    organ_fraction: float = 0.8  # patches centred on a (uniformly chosen) organ, else anywhere
+    organ_fraction: float = 0.9  # patches centred on a (uniformly chosen) organ, else anywhere
     checkpoint_every: int = 100
     threads: int = 2
     phantom_spacings: tuple[tuple[float, float, float], ...] = TRAIN_SPACINGS  # generation grids
@@ -79,11 +82,12 @@ class SegTrainConfig:
         return {
             "_target_": "monai.networks.nets.UNet",
             "spatial_dims": 3,
-            "in_channels": 1,
+            "in_channels": len(self.hu_ranges),
             "out_channels": len(self.organs) + 1,
             "channels": list(self.channels),
             "strides": [2] * (len(self.channels) - 1),
             "num_res_units": self.num_res_units,
+            "norm": self.norm,
         }
 
     def channel_def(self) -> dict[int, str]:
@@ -93,7 +97,7 @@ class SegTrainConfig:
 
 @dataclass
 class TrainCase:
-    """One phantom on the network grid: scaled image (x, y, z) float16 and class labels uint8."""
+    """One phantom on the network grid: scaled image (C, x, y, z) float16 and class labels (x, y, z) uint8."""
 
     image: np.ndarray
     labels: np.ndarray
@@ -112,8 +116,8 @@ def bundle_input(config: SegTrainConfig):
 
     from ai_core.segmentation.monai_bundle import BundleInput
 
-    cfg = inference_config(config.network_def(), spacing=config.spacing, hu_range=config.hu_range,
-                           roi_size=config.roi_size)
+    cfg = inference_config(config.network_def(), spacing=config.spacing, roi_size=config.roi_size,
+                           hu_ranges=config.hu_ranges)
     return BundleInput(ConfigParser(cfg))
 
 
@@ -139,7 +143,7 @@ def to_network_grid(config: SegTrainConfig, prep, image: sitk.Image, labels: sit
     for i, organ in enumerate(config.organs):
         if organ in organ_labels:
             lut[organ_labels[organ]] = i + 1
-    return TrainCase(image=x.as_tensor()[0].numpy().astype(np.float16), labels=lut[lab])
+    return TrainCase(image=x.as_tensor().numpy().astype(np.float16), labels=lut[lab])
 
 
 def sample_patch(case: TrainCase, patch: Sequence[int], rng: np.random.Generator, n_classes: int,
@@ -157,11 +161,12 @@ def sample_patch(case: TrainCase, patch: Sequence[int], rng: np.random.Generator
         centre = np.asarray([int(rng.integers(0, s)) for s in shape])
     start = np.clip(centre - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, np.maximum(shape - p, 0))
     sl = tuple(slice(int(a), int(a + n)) for a, n in zip(start, p))
-    img = np.zeros(patch, dtype=np.float32)
+    img = np.zeros((case.image.shape[0], *patch), dtype=np.float32)
     lab = np.zeros(patch, dtype=np.int64)
-    piece = case.image[sl]
-    img[tuple(slice(0, n) for n in piece.shape)] = piece
-    lab[tuple(slice(0, n) for n in piece.shape)] = case.labels[sl]
+    piece = case.labels[sl]
+    inner = tuple(slice(0, n) for n in piece.shape)
+    img[(slice(None), *inner)] = case.image[(slice(None), *sl)]
+    lab[inner] = piece
     return img, lab
 
 
@@ -191,7 +196,7 @@ def predict(network: torch.nn.Module, image: np.ndarray, roi_size: Sequence[int]
                                    padding_mode="replicate")
     network.eval()
     with torch.inference_mode():
-        logits = inferer(torch.from_numpy(image.astype(np.float32))[None, None], network)
+        logits = inferer(torch.from_numpy(image.astype(np.float32))[None], network)
     return logits[0].numpy().argmax(0).astype(np.uint8)
 
 
@@ -200,6 +205,22 @@ def evaluate(network: torch.nn.Module, cases: Sequence[TrainCase], config: SegTr
     n = len(config.organs) + 1
     scores = np.array([dice_per_class(predict(network, c.image, config.roi_size), c.labels, n) for c in cases])
     return {o: float(np.nanmean(scores[:, i])) for i, o in enumerate(config.organs)}
+
+
+def load_or_make_cases(config: SegTrainConfig) -> tuple[list[TrainCase], list[TrainCase]]:
+    """The training and validation phantoms, cached in the work directory (keyed by what shapes them)."""
+    key = {k: config.to_json()[k] for k in ("seed", "train_cases", "val_cases", "spacing", "hu_ranges",
+                                            "phantom_spacings", "organs")}
+    path = config.work_dir / "cases.pt"
+    if path.exists():
+        cached = torch.load(path, weights_only=False)
+        if cached.get("key") == key:
+            return cached["train"], cached["val"]
+    prep = bundle_input(config)
+    train = [make_case(config, prep, "train", i) for i in range(config.train_cases)]
+    val = [make_case(config, prep, "val", i) for i in range(config.val_cases)]
+    _save(path, {"key": key, "train": train, "val": val})
+    return train, val
 
 
 def _save(path: Path, state: dict) -> None:
@@ -249,13 +270,12 @@ def train_segmentation(
         torch.set_rng_state(state["torch_rng"])
         logger.info("resuming from step %d of %d", step, config.steps)
 
-    prep = bundle_input(config)
     t0 = time.perf_counter()
-    train = [make_case(config, prep, "train", i) for i in range(config.train_cases)]
-    val = [make_case(config, prep, "val", i) for i in range(config.val_cases)]
-    logger.info("generated %d + %d phantoms in %.0f s", len(train), len(val), time.perf_counter() - t0)
+    train, val = load_or_make_cases(config)
+    logger.info("%d + %d phantoms ready in %.0f s", len(train), len(val), time.perf_counter() - t0)
 
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    # Batch Dice: classes absent from one patch do not swamp the loss with empty-mask terms.
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     n_classes = len(config.organs) + 1
     dice: dict[str, float] = history[-1]["dice"] if history else {}
     bar = _progress(config.steps, step, progress)
@@ -266,7 +286,7 @@ def train_segmentation(
             g["lr"] = lr
         batch = [sample_patch(train[int(rng.integers(len(train)))], config.patch, rng, n_classes,
                               config.organ_fraction) for _ in range(config.batch_size)]
-        x = torch.from_numpy(np.stack([augment(b[0], rng) for b in batch]))[:, None]
+        x = torch.from_numpy(np.stack([augment(b[0], rng) for b in batch]))
         y = torch.from_numpy(np.stack([b[1] for b in batch]))[:, None]
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(network(x), y)
@@ -304,7 +324,7 @@ def export_bundle(config: SegTrainConfig, network: torch.nn.Module, out_dir: Pat
         state_dict=network.state_dict(),
         channel_def=config.channel_def(),
         spacing=config.spacing,
-        hu_range=config.hu_range,
+        hu_ranges=config.hu_ranges,
         roi_size=config.roi_size,
         name="ct-vlp demo organ segmentation (phantom-trained)",
         version=version,

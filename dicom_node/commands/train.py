@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
     seg.add_argument("--phantom-spacing", type=float, nargs=3, action="append", default=None,
                      metavar=("X", "Y", "Z"), help="generate training phantoms at this spacing in mm "
                      "(repeatable; default: a mix from 1.5 x 1.5 x 3 to 3 x 3 x 4.5)")
-    seg.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, cosine decay (default 3e-3)")
+    seg.add_argument("--lr", type=float, default=5e-3, help="peak learning rate, cosine decay (default 5e-3)")
     seg.add_argument("--seed", type=int, default=0, help="seed of phantoms, patches and weights (default 0)")
     seg.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     seg.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
