@@ -61,6 +61,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None, help="folder for the phantom series (kept; reused)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--no-dicom", action="store_true", help="skip the SEG/SR/SC encoding")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile a second analysis and print its N most expensive functions")
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = args.work or Path(tempfile.gettempdir()) / f"ctvlp-bench-analyze-{args.slices}x{args.size}"
@@ -140,6 +142,17 @@ def main() -> int:
             for key in ("encode_prepare", "encode_seg", "encode_sc", "encode_sr_wait"):
                 if key in result.timings:
                     print(f"{'  ' + key:<22}{result.timings[key]:>9.2f}")
+
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        pipeline.analyze(files)
+        profiler.disable()
+        print(f"\nprofile of a second analysis (top {args.profile} by own time):")
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS {peak:.0f} MB (after imports: {rss_before_models:.0f} MB; after the analysis, before "
