@@ -54,6 +54,20 @@ CHROMIUM_ARGS = [
 QUIET_OHIF = """try { localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])); }
 catch (e) {}"""
 
+# Records OHIF's toast notifications (sonner), which vanish after a few seconds, in
+# window.__toasts as {type, text}; polled because the text is filled in after insertion.
+TOAST_RECORDER = """(() => {
+  window.__toasts = [];
+  const seen = new Set();
+  setInterval(() => {
+    for (const t of document.querySelectorAll('li[data-sonner-toast]')) {
+      const item = {type: t.getAttribute('data-type') || '', text: t.textContent || ''};
+      const key = item.type + '|' + item.text;
+      if (item.text && !seen.has(key)) { seen.add(key); window.__toasts.push(item); }
+    }
+  }, 100);
+})();"""
+
 # Paths answered by Orthanc rather than by the static OHIF build.
 PROXIED_PREFIXES = ("/dicom-web/", "/wado")
 
@@ -275,6 +289,7 @@ class Browser:
             raise
         # OHIF's onboarding tour would cover the viewport; mark it as already shown.
         self.context.add_init_script(QUIET_OHIF)
+        self.context.add_init_script(TOAST_RECORDER)
         self.page = self.context.pages[0] if self.context.pages else self.context.new_page()
         self.page.on("console", lambda m: self.console.append(ConsoleEntry(m.type, m.text)))
         self.page.on("pageerror", lambda e: self.console.append(ConsoleEntry("pageerror", str(e))))
@@ -289,6 +304,11 @@ class Browser:
     def errors(self) -> list[ConsoleEntry]:
         """Console errors and uncaught exceptions seen so far."""
         return [e for e in self.console if e.type in ("error", "pageerror")]
+
+    def toasts(self) -> list[ConsoleEntry]:
+        """OHIF's toast notifications shown on the current page so far (type: warning, error, ...)."""
+        items = self.page.evaluate("() => window.__toasts || []")
+        return [ConsoleEntry(t["type"], t["text"]) for t in items]
 
     def dump_console(self, path: Path) -> None:
         """Write every console entry to a text file (a test artefact)."""
