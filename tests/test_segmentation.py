@@ -197,3 +197,31 @@ def test_a_wholebody_style_bundle_with_overrides(tmp_path):
     assert result.model.name == "Whole body CT segmentation"
     assert result.labels.GetSize() == vol.image.GetSize()
     assert set(np.unique(result.array())) <= {0, *CATALOGUE_LABELS.values()}
+
+
+def test_shipped_demo_bundle_segments_a_held_out_phantom():
+    """The builtin backend loads the shipped demo bundle and finds the phantom organs."""
+    from ai_core.phantom.generator import TRAINING_SPACING, generate_case
+    from ai_core.segmentation import DEMO_BUNDLE
+    from ai_core.volume import CTVolume
+
+    assert (DEMO_BUNDLE / "models" / "model.pt").is_file(), (
+        f"the demo segmentation bundle is missing from {DEMO_BUNDLE}: build it with "
+        "`dicom-node train segmentation --work-dir WORK` (its metadata.json records the exact command)"
+    )
+    seg = make_segmenter("builtin")
+    assert seg.info.demo
+    case = generate_case(987_654, spacing=TRAINING_SPACING, orientation="FFS")  # seed outside training
+    assert set(case.organ_labels) <= set(seg.organ_labels)
+    vol = CTVolume(image=case.image, files=[], study_uid=case.study_uid, series_uid=case.series_uid,
+                   frame_of_reference_uid=None)
+    pred = seg.segment(vol).array()
+    truth = sitk.GetArrayFromImage(case.labels)
+    dice = {}
+    for organ, value in case.organ_labels.items():
+        p, t = pred == seg.organ_labels[organ], truth == value
+        dice[organ] = 2 * (p & t).sum() / (p.sum() + t.sum())
+    assert min(dice.values()) >= 0.6, dice
+    assert np.mean(list(dice.values())) >= 0.8, dice
+    for organ in ("liver", "lung_left", "lung_right", "heart"):
+        assert dice[organ] >= 0.9, (organ, dice)

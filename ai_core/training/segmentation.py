@@ -95,6 +95,30 @@ class SegTrainConfig:
         return {0: "background", **{i + 1: o for i, o in enumerate(self.organs)}}
 
 
+def config_from_json(d: dict) -> SegTrainConfig:
+    """The config saved in a checkpoint (lists back to tuples)."""
+    d = dict(d)
+    for key in ("patch", "spacing", "channels", "roi_size", "organs"):
+        d[key] = tuple(d[key])
+    for key in ("hu_ranges", "phantom_spacings"):
+        d[key] = tuple(tuple(v) for v in d[key])
+    d["work_dir"] = Path(d["work_dir"])
+    return SegTrainConfig(**d)
+
+
+def load_checkpoint(work_dir: Path) -> tuple[SegTrainConfig, torch.nn.Module, dict[str, float], int]:
+    """Config, network, last validation Dice and step of the checkpoint in ``work_dir``."""
+    path = Path(work_dir) / CHECKPOINT
+    if not path.exists():
+        raise ValueError(f"no checkpoint in {work_dir}; train first (dicom-node train segmentation --work-dir ...)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    config = config_from_json(state["config"])
+    network = build_network(config)
+    network.load_state_dict(state["model"])
+    dice = state["history"][-1]["dice"] if state["history"] else {}
+    return config, network, dice, int(state["step"])
+
+
 @dataclass
 class TrainCase:
     """One phantom on the network grid: scaled image (C, x, y, z) float16 and class labels (x, y, z) uint8."""

@@ -42,6 +42,8 @@ def add_arguments(parser) -> None:
     seg.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     seg.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     seg.add_argument("--no-export", action="store_true", help="train only; do not write the bundle")
+    seg.add_argument("--export-only", action="store_true",
+                     help="do not train: export the checkpoint in --work-dir as it is")
     seg.add_argument("--eval-cases", type=int, default=4,
                      help="held-out phantoms segmented end to end after export (default 4)")
     seg.add_argument("--eval-spacing", type=float, nargs=3, default=(1.5, 1.5, 3.0), metavar=("X", "Y", "Z"),
@@ -101,10 +103,16 @@ def _run_segmentation(args) -> int:
     logging.getLogger("ai_core").setLevel(logging.INFO)
     t0 = time.perf_counter()
     try:
-        network, dice = train_segmentation(config, resume=not args.no_resume, progress=True)
+        if args.export_only:
+            from ai_core.training.segmentation import load_checkpoint
+
+            config, network, dice, step = load_checkpoint(Path(args.work_dir))
+            print(f"checkpoint of step {step}")
+        else:
+            network, dice = train_segmentation(config, resume=not args.no_resume, progress=True)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    seconds = time.perf_counter() - t0
+    seconds = None if args.export_only else time.perf_counter() - t0
     print("validation Dice per organ (network grid):")
     for organ, d in dice.items():
         print(f"  {organ:16s} {d:.3f}")
@@ -124,7 +132,8 @@ def _run_segmentation(args) -> int:
                   f"{' x '.join(f'{v:g}' for v in spacing)} mm):")
             for organ, d in e2e.items():
                 print(f"  {organ:16s} {d:.3f}")
-    print(f"time {seconds:.0f} s")
+    if seconds is not None:
+        print(f"time {seconds:.0f} s")
     return 0
 
 
