@@ -182,3 +182,23 @@ def test_reference_inference_arithmetic():
             assert valid.all()
             assert torch.allclose(emb[0], ref_feat, atol=1e-6)
             assert torch.allclose(probs, ref_prob, atol=1e-6)
+
+
+def test_input_windows_and_conv_stem():
+    base = tiny_spec()
+    spec = base.with_updates(
+        vision=base.vision.model_copy(update={"input_windows": ((-1000.0, -700.0), (-150.0, 250.0)), "stem": (8, 16)}),
+        preprocess=base.preprocess.model_copy(update={"hu_window": (-1000.0, 1000.0)}),
+    )
+    torch.manual_seed(6)
+    model = build_model(spec).eval()
+    hu = torch.tensor([-1000.0, -850.0, 50.0, 400.0]).view(1, 1, 4, 1, 1)
+    channels = model.input_channels((hu + 1000.0) / 2000.0)
+    expected = torch.tensor([[0.0, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0]])
+    assert torch.allclose(channels[0, :, :, 0, 0], expected, atol=1e-6)
+    assert model.visual_encoder.patch_embedding.patch_embeddings.in_channels == 16
+    assert model.visual_encoder.stem[0].in_channels == 2
+    image, labels = _window(7)
+    emb, valid = model.encode_organs(image, labels)
+    assert emb.shape == (1, 2, 16) and valid.all()
+    assert [tuple(lv.shape) for lv in model.image_levels(image)] == [(1, 64, 32)] * 3

@@ -71,8 +71,13 @@ def _config(tmp_path, epochs: int, **kw) -> TrainConfig:
                                                              "cyst": ["A cyst in the liver."]}}, **kw)
 
 
-def test_a_few_steps_reduce_the_loss_and_calibrate(tmp_path):
+def _bn_spec():
     spec = tiny_spec()
+    return spec.with_updates(pooling=spec.pooling.model_copy(update={"batch_norm": True}))
+
+
+def test_a_few_steps_reduce_the_loss_and_calibrate(tmp_path):
+    spec = _bn_spec()
     train, val = _synthetic_windows(16, 0), _synthetic_windows(8, 1)
     path = train_vlp(spec, _config(tmp_path, epochs=6), train, val)
     report = json.loads((tmp_path / "training.json").read_text())

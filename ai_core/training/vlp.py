@@ -303,11 +303,11 @@ class TrainConfig:
     val_seed: int = 2000  # phantom set of the calibration cases (never used for training)
     n_train: int = 240
     n_val: int = 60
-    epochs: int = 12
-    batch_cases: int = 12
-    lr: float = 1e-3
+    epochs: int = 6
+    batch_cases: int = 8
+    lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     jitter: int = 3
     noise: float = 0.01  # std of Gaussian noise added to the 0..1 input during training
     weight_itc: float = 1.0
@@ -369,11 +369,11 @@ def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str 
         organs=PHANTOM_ORGANS,
         embed_dim=128,
         vision=VisionSpec(
-            window=(32, 48, 64), patch=(8, 8, 8), hidden=96, depth=3, heads=4, mlp_dim=192, taps=(0, 1),
+            window=(32, 48, 64), patch=(8, 8, 8), hidden=96, depth=3, heads=4, mlp_dim=192, taps=(0, 1), stem=(16, 32),
             # lung parenchyma (emphysema), soft tissue (lesions, cysts, steatosis, fluid), calcium
             input_windows=((-1000.0, -700.0), (-150.0, 250.0), (200.0, 1000.0)),
         ),
-        pooling=PoolingSpec(kind="fvlm_query", heads=4, dropout=0.1),
+        pooling=PoolingSpec(kind="fvlm_query", heads=4, dropout=0.1, batch_norm=True),
         text=TextSpec(source=MINILM_PACKAGE, hidden=384, layers=6, heads=12, intermediate=1536, max_length=64,
                       padding="longest", pooling="mean", freeze=True),
         preprocess=PreprocessSpec(spacing_mm=(3.0, 3.0, 4.5), hu_window=(-1000.0, 1000.0), min_window=(32, 48, 64)),
@@ -396,8 +396,17 @@ def forward_windows(model: OrganVLP, windows: Sequence[Window], noise: float = 0
         for b, i in enumerate(idx):
             organ = model.spec.organ_index(windows[i].organ)
             mask = torch.from_numpy(windows[i].mask()).to(device)
-            out[i] = model.project_image(model.pool_organ(levels, b, organ, mask), organ)
-    return torch.stack(out)  # type: ignore[arg-type]
+            out[i] = model.pool_organ(levels, b, organ, mask)
+    # projections per organ over the whole batch (batch statistics when the spec normalises)
+    by_organ: dict[str, list[int]] = {}
+    for i, w in enumerate(windows):
+        by_organ.setdefault(w.organ, []).append(i)
+    result: list[torch.Tensor | None] = [None] * len(windows)
+    for organ, idx in by_organ.items():
+        emb = model.project_image(torch.stack([out[i] for i in idx]), model.spec.organ_index(organ))  # type: ignore[misc]
+        for k, i in enumerate(idx):
+            result[i] = emb[k]
+    return torch.stack(result)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -458,6 +467,29 @@ def batch_loss(
             total = total + weight * v
             parts[name] = float(v.detach())
     return BatchLoss(total, parts)
+
+
+@torch.no_grad()
+def recompute_norm_statistics(model: OrganVLP, windows: Sequence[Window], batch_cases: int) -> None:
+    """Re-estimate the running statistics of ``vision_norms`` with the final weights (precise BN)."""
+    if not hasattr(model, "vision_norms"):
+        return
+    was_training = model.training
+    model.eval()
+    model.collect_norm_stats = True
+    saved = []
+    for norm in model.vision_norms:
+        norm.reset_running_stats()
+        saved.append(norm.momentum)
+        norm.momentum = None  # cumulative average over the pass
+    try:
+        for batch in _batches(windows, max(2, batch_cases), random.Random(0)):
+            forward_windows(model, batch)
+    finally:
+        model.collect_norm_stats = False
+        for norm, m in zip(model.vision_norms, saved):
+            norm.momentum = m
+        model.train(was_training)
 
 
 def _batches(windows: Sequence[Window], batch_cases: int, rng: random.Random) -> list[list[Window]]:
@@ -562,6 +594,7 @@ def train_vlp(
         })
 
     model.eval()
+    recompute_norm_statistics(model, train_windows, config.batch_cases)
     thresholds, metrics = calibrate(model, val_windows)
     final_spec = model.spec.with_updates(thresholds=thresholds)
     final = build_model(final_spec)
@@ -580,13 +613,37 @@ def phantom_dictionary_if_phantoms(config: TrainConfig) -> dict[str, dict[str, l
     return phantom_dictionary() if config.data_dir is None else {}
 
 
+def _cached(path: Path, make: Callable[[], list[Window]]) -> list[Window]:
+    # Phantom windows are deterministic: keep them beside the checkpoints so a resumed or
+    # repeated run does not generate them again.
+    import pickle
+
+    if path.is_file():
+        with path.open("rb") as fh:
+            return pickle.load(fh)
+    windows = make()
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        pickle.dump(windows, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    tmp.replace(path)
+    return windows
+
+
 def load_windows(spec: ModelSpec, config: TrainConfig) -> tuple[list[Window], list[Window]]:
     """Training and validation windows from phantoms (disjoint seeds) or from a directory."""
     if config.data_dir is None:
-        train = phantom_windows(spec, config.train_seed, range(config.n_train), config.jitter, config.workers,
-                                progress=config.progress, desc="training phantoms")
-        val = phantom_windows(spec, config.val_seed, range(config.n_val), 0, config.workers,
-                              progress=config.progress, desc="validation phantoms")
+        import hashlib
+
+        key = json.dumps([spec.preprocess.model_dump(mode="json"), spec.vision.patch, spec.organs,
+                          sorted(spec.findings)], sort_keys=True)
+        tag = hashlib.sha256(key.encode()).hexdigest()[:10]
+        out = Path(config.out_dir)
+        train = _cached(out / f"windows-{config.train_seed}-{config.n_train}-j{config.jitter}-{tag}.pkl",
+                        lambda: phantom_windows(spec, config.train_seed, range(config.n_train), config.jitter,
+                                                config.workers, progress=config.progress, desc="training phantoms"))
+        val = _cached(out / f"windows-{config.val_seed}-{config.n_val}-j0-{tag}.pkl",
+                      lambda: phantom_windows(spec, config.val_seed, range(config.n_val), 0, config.workers,
+                                              progress=config.progress, desc="validation phantoms"))
         return train, val
     rng = np.random.default_rng(config.seed)
     cases = list(directory_cases(config.data_dir))
@@ -676,6 +733,15 @@ def calibrate(model: OrganVLP, windows: Sequence[Window]) -> tuple[dict[str, flo
     return thresholds, finding_metrics(windows, probs, thresholds)
 
 
+def evaluate_heldout(
+    model: OrganVLP, seed: int, n: int, workers: int = 1, progress: bool = True
+) -> dict[str, dict[str, float]]:
+    """Metrics of a trained model on ground-truth windows of ``n`` fresh balanced phantoms of set ``seed``."""
+    windows = phantom_windows(model.spec, seed, range(n), 0, workers, progress=progress, desc="held-out phantoms")
+    probs = window_probabilities(model, windows)
+    return finding_metrics(windows, probs, model.spec.thresholds)
+
+
 def summarize(metrics: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
     """(macro AUC, minimum AUC) over the findings that have both classes."""
     aucs = [m["auc"] for m in metrics.values() if "auc" in m]
@@ -697,9 +763,9 @@ def add_cli_arguments(parser) -> None:
                         help="directory for the final model.pt (default: the package's ai_core/models/demo_vlp)")
     parser.add_argument("--train-cases", type=int, default=200, help="training phantoms (default 200)")
     parser.add_argument("--val-cases", type=int, default=40, help="calibration phantoms, other seeds (default 40)")
-    parser.add_argument("--epochs", type=int, default=8, help="passes over the training cases (default 8)")
+    parser.add_argument("--epochs", type=int, default=6, help="passes over the training cases (default 6)")
     parser.add_argument("--batch-cases", type=int, default=8, help="cases per step, all their organs (default 8)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default 2e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch order (default 0)")
     parser.add_argument("--train-seed", type=int, default=1000, help="phantom set of the training cases")
     parser.add_argument("--val-seed", type=int, default=2000, help="phantom set of the calibration cases")
@@ -711,6 +777,9 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    parser.add_argument("--eval-cases", type=int, default=40,
+                        help="fresh held-out phantoms scored after training (default 40; 0: none)")
+    parser.add_argument("--eval-seed", type=int, default=3000, help="phantom set of the held-out cases")
 
 
 def run_cli(args) -> int:
@@ -741,10 +810,18 @@ def run_cli(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path, out / "model.pt")
     (out / "training.json").write_text(json.dumps(record, indent=2))
-    macro, worst = summarize(record["validation"])
-    print("calibration split (ground-truth windows): finding, AUC, threshold")
-    for key, m in record["validation"].items():
-        print(f"  {key:32s} {m.get('auc', float('nan')):.3f}  {record['thresholds'].get(key, 0.5):.3f}")
+    metrics, what = record["validation"], "calibration split"
+    if args.eval_cases > 0 and config.data_dir is None:
+        model, _ = load_checkpoint(out / "model.pt")
+        metrics = evaluate_heldout(model, args.eval_seed, args.eval_cases, args.workers)
+        what = f"{args.eval_cases} held-out phantoms of set {args.eval_seed}"
+        record["held_out"] = {"seed": args.eval_seed, "cases": args.eval_cases, "metrics": metrics}
+        (out / "training.json").write_text(json.dumps(record, indent=2))
+    macro, worst = summarize(metrics)
+    print(f"{what} (ground-truth organ windows): finding, AUC, sensitivity, specificity, threshold")
+    for key, m in metrics.items():
+        print(f"  {key:32s} {m.get('auc', float('nan')):.3f}  {m.get('sensitivity', float('nan')):.2f}  "
+              f"{m.get('specificity', float('nan')):.2f}  {record['thresholds'].get(key, 0.5):.3f}")
     print(f"model written to {out / 'model.pt'} ({(out / 'model.pt').stat().st_size / 1e6:.1f} MB) in {seconds:.0f} s")
     print(f"macro_auc={macro:.3f} min_auc={worst:.3f}")
     return 0

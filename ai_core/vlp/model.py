@@ -47,11 +47,13 @@ class VisionTransformer(ViT):
         qkv_bias: bool = True,
         dropout: float = 0.0,
         in_channels: int = 1,
+        stem: Sequence[int] = (),
     ) -> None:
+        scale = 2 ** len(stem)
         super().__init__(
-            in_channels=in_channels,
-            img_size=tuple(img_size),
-            patch_size=tuple(patch_size),
+            in_channels=stem[-1] if stem else in_channels,
+            img_size=tuple(i // scale for i in img_size),
+            patch_size=tuple(p // scale for p in patch_size),
             hidden_size=hidden,
             mlp_dim=mlp_dim,
             num_layers=depth,
@@ -67,6 +69,21 @@ class VisionTransformer(ViT):
         # state_dict is exactly the reference one.
         for block in self.blocks:
             del block.norm_cross_attn
+        if stem:
+            conv = nn.Conv3d if len(img_size) == 3 else nn.Conv2d
+            layers: list[nn.Module] = []
+            for c_in, c_out in zip((in_channels, *stem[:-1]), stem):
+                layers += [conv(c_in, c_out, kernel_size=2, stride=2), nn.GELU()]
+            self.stem = nn.Sequential(*layers)
+            for layer in self.stem:
+                if isinstance(layer, (nn.Conv2d, nn.Conv3d)):
+                    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                    nn.init.zeros_(layer.bias)
+        # As MAE initialises its patch embedding: PyTorch's default conv init with its bias leaves
+        # the image content far below the bias after a stem, and every token alike.
+        conv = self.patch_embedding.patch_embeddings
+        nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.zeros_(conv.bias)
         self.trained_grid = tuple(i // p for i, p in zip(img_size, patch_size))
         self.patch = tuple(patch_size)
         self.taps = tuple(taps)
@@ -85,6 +102,8 @@ class VisionTransformer(ViT):
         """Tokens (B, L, C) after the final norm, and the levels [tap outputs..., normed output]."""
         if any(s % p for s, p in zip(x.shape[2:], self.patch)):
             raise ValueError(f"input size {tuple(x.shape[2:])} is not a multiple of the patch size {self.patch}")
+        if hasattr(self, "stem"):
+            x = self.stem(x)
         x = self.patch_embedding.patch_embeddings(x)
         grid = x.shape[2:]
         x = x.flatten(2).transpose(-1, -2)
@@ -115,12 +134,12 @@ class OrganVLP(nn.Module):
             # One 2D encoder applied to every slice (H, W) of the window.
             self.visual_encoder = VisionTransformer(
                 v.window[1:], p.slice_patch, v.hidden, v.depth, v.heads, v.mlp_dim, (), v.qkv_bias, v.dropout,
-                v.encoder_channels,
+                v.encoder_channels, v.stem,
             )
         else:
             self.visual_encoder = VisionTransformer(
                 v.window, v.patch, v.hidden, v.depth, v.heads, v.mlp_dim, v.taps, v.qkv_bias, v.dropout,
-                v.encoder_channels,
+                v.encoder_channels, v.stem,
             )
         self.text_encoder = build_text_encoder(spec.text, load_weights=load_text_weights)
         if spec.text.freeze:
@@ -130,8 +149,13 @@ class OrganVLP(nn.Module):
             self.attention = nn.MultiheadAttention(v.hidden, p.heads, dropout=p.dropout, batch_first=True)
         if p.kind == "radclip_slice":
             self.slice_pooling = SlicePooling(v.hidden, p.heads, p.max_slices, p.dropout)
+        if p.batch_norm:
+            self.vision_norms = nn.ModuleList(nn.BatchNorm1d(v.hidden, affine=False) for _ in range(n_organs))
         self.vision_projs = nn.ModuleList(nn.Linear(v.hidden, spec.embed_dim) for _ in range(n_organs))
+        for proj in (self.text_proj, *self.vision_projs):
+            nn.init.zeros_(proj.bias)  # start without a shared offset that hides the content
         self._tokenizer = None
+        self.collect_norm_stats = False  # set by training to re-estimate vision_norms statistics
 
     # -- image side ----------------------------------------------------------------------------
 
@@ -167,7 +191,20 @@ class OrganVLP(nn.Module):
         return self.slice_pooling(levels[0][b], present)
 
     def project_image(self, pooled: torch.Tensor, organ: int) -> torch.Tensor:
-        """Organ projection and L2 normalisation of a pooled feature."""
+        """Organ projection and L2 normalisation of pooled features (C,) or (N, C) of one organ."""
+        if hasattr(self, "vision_norms"):
+            norm = self.vision_norms[organ]
+            x = pooled.reshape(-1, pooled.shape[-1])
+            # a single window in training has no batch statistics: use the running ones
+            batch_stats = (self.training or self.collect_norm_stats) and x.shape[0] > 1
+            momentum = norm.momentum
+            if batch_stats:
+                norm.num_batches_tracked.add_(1)
+                if momentum is None:  # cumulative average, as nn.BatchNorm1d does
+                    momentum = 1.0 / float(norm.num_batches_tracked)
+            x = F.batch_norm(x, norm.running_mean, norm.running_var, training=batch_stats,
+                             momentum=momentum or 0.0, eps=norm.eps)
+            pooled = x.reshape(pooled.shape)
         return F.normalize(self.vision_projs[organ](pooled), dim=-1)
 
     def encode_organs(

@@ -40,9 +40,15 @@ class VisionSpec(_Frozen):
     # patch embedding (empty: the input as is, as fVLM). The input must have been scaled from
     # ``preprocess.hu_window``; each channel is clip((HU - low) / (high - low), 0, 1).
     input_windows: tuple[tuple[float, float], ...] = ()
+    # Optional convolutional stem before the patch embedding ("early convolutions help
+    # transformers see better"): channels of stride-2, kernel-2 conv + GELU layers; each halves
+    # the resolution the patch embedding sees. Empty (fVLM): the patch embedding sees the voxels.
+    stem: tuple[int, ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> VisionSpec:
+        if any(p % (2 ** len(self.stem)) for p in self.patch):
+            raise ValueError(f"vision.patch {self.patch} must be divisible by 2**len(vision.stem)")
         if any(lo >= hi for lo, hi in self.input_windows):
             raise ValueError(f"vision.input_windows must be (low, high) HU pairs with low < high: {self.input_windows}")
         if any(w % p for w, p in zip(self.window, self.patch)):
@@ -70,6 +76,11 @@ class PoolingSpec(_Frozen):
     kind: PoolingKind = "fvlm_query"
     heads: int = 4  # fvlm_query: the shared nn.MultiheadAttention; radclip_slice: slice attention
     dropout: float = 0.1  # attention dropout during training (fVLM: 0.1)
+    # Standardise each organ's pooled feature with batch statistics (BatchNorm1d without affine,
+    # running statistics at inference) before its projection. Not in fVLM; it removes the
+    # organ's typical look, common to every window, that otherwise hides the differences between
+    # windows and slows training from scratch by orders of magnitude.
+    batch_norm: bool = False
     # radclip_slice only: the 2D encoder applied to every slice along D.
     slice_patch: tuple[int, int] = (16, 16)
     max_slices: int = 64  # size of the learnable slice-position table
