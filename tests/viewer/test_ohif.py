@@ -1,12 +1,13 @@
 """OHIF 3.13.2 in headless Chromium shows what the node stores in Orthanc (issue 7).
 
-Each test gets its own Orthanc (DICOMweb on), its own OHIF server and a fresh browser profile;
-screenshots and the browser console go to ``test-artifacts/viewer/``.
+One Orthanc (DICOMweb on) and one OHIF server serve the module; each test uploads its own study
+(its own patient and UIDs) and drives a fresh browser profile. Screenshots and each test's
+browser console go to ``test-artifacts/viewer/``. Ground truth comes from the phantoms (exact
+organ masks), never from the encoders under test.
 """
 
 from __future__ import annotations
 
-import io
 import re
 import shutil
 import time
@@ -21,32 +22,24 @@ import pytest
 from ai_core.phantom import make_ct_series
 from tests.peers import Orthanc
 from tests.viewer.harness import Browser, OhifServer, artifacts_dir, require_dicomweb_plugin
+from tests.viewer.ohif_page import (
+    VIEWPORT,
+    assert_no_crash,
+    coloured_fraction,
+    confirm_segmentation,
+    instance_uid,
+    loaded_labelmap,
+    open_series,
+    open_study,
+    scroll_to_instance,
+    step_through_findings,
+    wait_for_rendered_image,
+    wait_for_sr_annotations,
+)
 from tests.viewer.phantom_study import ORGANS as PHANTOM_ORGANS
 from tests.viewer.phantom_study import make_phantom_study, phantom_result
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
-
-VIEWPORT = '[data-cy="viewport-pane"]'
-CANVAS = f"{VIEWPORT} canvas.cornerstone-canvas"
-
-
-def canvas_pixels(browser: Browser) -> np.ndarray:
-    """The first viewport's canvas as a grey-level array (from a screenshot of the element)."""
-    from PIL import Image
-
-    png = browser.page.locator(CANVAS).first.screenshot()
-    return np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
-
-
-def wait_for_rendered_image(browser: Browser, timeout: float = 20.0) -> np.ndarray:
-    """Wait until the viewport canvas shows an image (not uniform), and return its pixels."""
-    browser.page.locator(CANVAS).first.wait_for(state="visible", timeout=timeout * 1000)
-    deadline = time.monotonic() + timeout
-    while True:
-        px = canvas_pixels(browser)
-        if px.std() > 10 or time.monotonic() > deadline:
-            return px
-        browser.page.wait_for_timeout(250)
 
 
 @pytest.fixture
@@ -111,31 +104,10 @@ def test_ct_study_opens_and_renders(orthanc, viewer, ct_study):
     # The overlay counts the series' images: every uploaded slice reached the viewer.
     body = browser.page.inner_text("body")
     assert f"/{len(files)})" in body, f"image counter for {len(files)} slices not on the page"
-    assert "Something went wrong" not in body
-    errors = browser.errors()
-    assert not errors, "console errors:\n" + "\n".join(map(str, errors))
+    assert_no_crash(browser, "CT")
 
 
 # --- the node's SEG and SR -------------------------------------------------------------------
-
-SERIES_ITEM = '[data-cy="study-browser-thumbnail-no-image"]'  # non-image series (SEG, SR)
-CRASH_MARKERS = ("TypeError", "Cannot read properties", "is not a function", "Something went wrong")
-
-# Shown annotations of the viewport: label lines (SVG) plus world point and image (tool state).
-SHOWN_ANNOTATIONS_JS = """() => {
-  const svg = document.querySelector('[data-cy="viewport-pane"] svg.svg-layer');
-  if (!svg) return null;
-  const all = window.cornerstoneTools.annotation.state.getAllAnnotations();
-  const vp = window.cornerstone.getEnabledElements()[0].viewport;
-  return [...svg.querySelectorAll('g[data-annotation-uid]')].map(g => {
-    const uid = g.getAttribute('data-annotation-uid');
-    const a = all.find(a => a.annotationUID === uid);
-    return {uid, lines: [...g.querySelectorAll('tspan')].map(t => t.textContent),
-            tool: a?.metadata?.toolName ?? null, points: a?.data?.handles?.points ?? [],
-            image: a?.metadata?.referencedImageId ?? null, current: vp.getCurrentImageId()};
-  });
-}"""
-
 
 def encode(result, kinds: tuple[str, ...], out: Path) -> dict[str, Path]:
     """The node's result objects for ``result``, written to ``out``; fails if the encoders are missing."""
@@ -146,126 +118,11 @@ def encode(result, kinds: tuple[str, ...], out: Path) -> dict[str, Path]:
     return write_results(encode_results(result, kinds=kinds), out)
 
 
-def open_study(server: OhifServer, browser: Browser, study_uid: str) -> None:
-    """Open the study in OHIF's viewer and wait until the CT is drawn."""
-    browser.page.goto(server.viewer_url(study_uid), wait_until="domcontentloaded")
-    px = wait_for_rendered_image(browser)
-    assert px.std() > 10, "the CT never rendered"
-
-
-def open_series(browser: Browser, modality: str) -> None:
-    """Double-click the study browser's entry of a non-image series of this modality."""
-    page = browser.page
-    item = page.locator(SERIES_ITEM).filter(
-        has=page.locator('[data-cy="series-modality-label"]', has_text=modality))
-    item.first.wait_for(timeout=15_000)
-    assert item.count() == 1, f"expected one {modality} series in the study browser, found {item.count()}"
-    item.first.dblclick()
-
-
-def assert_no_crash(browser: Browser, what: str) -> None:
-    """No error boundary, no console error or error toast, no crash logged at debug level, and the
-    viewport pane still shows an image."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    page = browser.page
-    assert "Something went wrong" not in page.inner_text("body"), f"{what}: OHIF shows 'Something went wrong'"
-    errors = browser.errors() + [t for t in browser.toasts() if t.type == "error"]
-    assert not errors, f"{what}: console errors or error notifications:\n" + "\n".join(map(str, errors))
-    # OHIF 3.13 logs the SR viewport's crash with console.debug only.
-    crashes = [e for e in browser.console if e.type in ("debug", "warning")
-               and any(m in e.text for m in CRASH_MARKERS)]
-    assert not crashes, f"{what}: crash logged:\n" + "\n".join(map(str, crashes))
-    assert page.locator(VIEWPORT).count() >= 1, f"{what}: the viewport pane is gone"
-    try:  # a viewport being replaced (CT -> SR) has no canvas for a moment
-        page.locator(CANVAS).first.wait_for(state="attached", timeout=5_000)
-    except PlaywrightTimeout:
-        raise AssertionError(f"{what}: the viewport pane shows no image") from None
-    for toast in browser.toasts():
-        if toast.type == "warning":
-            warnings.warn(f"{what}: OHIF shows a warning: {toast.text}")
-
-
-def current_instance(browser: Browser) -> int | None:
-    """The instance number in the viewport's overlay ("I:11 (10/20)")."""
-    overlay = browser.page.locator('[data-cy="viewport-overlay-bottom-right"]').inner_text()
-    m = re.match(r"I:\s*(\d+)", overlay)
-    return int(m.group(1)) if m else None
-
-
-def scroll_to_instance(browser: Browser, number: int, max_steps: int = 60) -> None:
-    """Scroll the viewport with the mouse wheel until it shows this instance number."""
-    page = browser.page
-    page.locator(VIEWPORT).first.hover()
-    direction = 100
-    for _ in range(max_steps):
-        now = current_instance(browser)
-        if now == number:
-            return
-        page.mouse.wheel(0, direction)
-        page.wait_for_timeout(100)
-        after = current_instance(browser)
-        if now is not None and after is not None and abs(after - number) > abs(now - number):
-            direction = -direction  # the wheel goes the other way through this series
-    raise AssertionError(f"could not scroll to instance {number} (at {current_instance(browser)})")
-
-
-def coloured_fraction(browser: Browser) -> float:
-    """Fraction of the viewport's central pixels that are clearly coloured (an overlay, not grey CT).
-
-    The central 70 % leaves out OHIF's coloured corner texts and orientation markers.
-    """
-    from PIL import Image
-
-    png = browser.page.locator(CANVAS).first.screenshot()
-    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
-    h, w = rgb.shape[:2]
-    rgb = rgb[int(0.15 * h):int(0.85 * h), int(0.15 * w):int(0.85 * w)]
-    return float(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).mean())
-
-
 @pytest.fixture
 def phantom(tmp_path: Path, request):
     """The phantom CT with exact organ masks and its analysis result; UIDs differ per test."""
     study = make_phantom_study(tmp_path / "ct", seed=zlib.crc32(request.node.name.encode()))
     return study, phantom_result(study)
-
-
-# OHIF's loaded labelmap: per labelmap image, the CT instance it lies on and its pixels.
-LABELMAP_JS = """() => window.cornerstoneTools.segmentation.state.getSegmentations().map(s => ({
-  label: s.label,
-  segments: Object.fromEntries(Object.entries(s.segments).map(([k, v]) => [k, v.label])),
-  images: (s.representationData.Labelmap?.imageIds ?? []).map(id => {
-    const im = window.cornerstone.cache.getImage(id);
-    if (!im) return null;
-    const px = Array.from(im.getPixelData());
-    const nz = [];
-    px.forEach((v, i) => { if (v) nz.push([i, v]); });
-    return {ref: im.referencedImageId ?? null, rows: im.rows, columns: im.columns, nonzero: nz};
-  }),
-}))"""
-
-
-def instance_uid(image_id: str | None) -> str | None:
-    """SOP Instance UID in a cornerstone WADO-RS image id (``.../instances/<uid>/frames/1``)."""
-    if not image_id or "/instances/" not in image_id:
-        return None
-    return image_id.split("/instances/")[1].split("/")[0]
-
-
-def loaded_labelmap(browser: Browser, study) -> tuple[dict[int, str], np.ndarray]:
-    """(segment number -> label, label volume (k, j, i) in segment numbers) as OHIF holds it."""
-    segs = browser.page.evaluate(LABELMAP_JS)
-    assert len(segs) == 1, f"expected one segmentation in OHIF, found {len(segs)}"
-    vol = np.zeros_like(study.labels)
-    for im in segs[0]["images"]:
-        assert im is not None, "a labelmap image is not in OHIF's cache"
-        k = study.slice_of(instance_uid(im["ref"]))
-        assert k is not None, f"labelmap image on an instance outside the CT series: {im['ref']}"
-        assert (im["rows"], im["columns"]) == vol.shape[1:], "labelmap image size differs from the CT"
-        for i, v in im["nonzero"]:
-            vol[k].flat[i] = v
-    return {int(n): label for n, label in segs[0]["segments"].items()}, vol
 
 
 def test_seg_loads_as_overlay_with_every_segment(orthanc, viewer, phantom, tmp_path):
@@ -289,13 +146,7 @@ def test_seg_loads_as_overlay_with_every_segment(orthanc, viewer, phantom, tmp_p
     open_study(server, browser, study.study_uid)
     assert coloured_fraction(browser) < 0.001, "colour in the viewport before the SEG was opened"
     open_series(browser, "SEG")
-    page.locator('[data-cy="yes-hydrate-btn"]').click(timeout=15_000)  # "open this Segmentation?"
-    page.locator('[data-cy="panelSegmentation-btn"]').click()
-    rows = page.locator('[data-cy="data-row-title"]')
-    deadline = time.monotonic() + 15
-    while rows.count() < len(expected) and time.monotonic() < deadline:
-        page.wait_for_timeout(200)
-    shown = [t.strip() for t in rows.all_inner_texts()]
+    shown = confirm_segmentation(browser, len(expected))
     # The slice with the most organs, as a user would scroll to it, for the screenshot.
     k_best = max(range(len(study.files)),
                  key=lambda k: (len(np.unique(study.labels[k])), int((study.labels[k] > 0).sum())))
@@ -317,34 +168,6 @@ def test_seg_loads_as_overlay_with_every_segment(orthanc, viewer, phantom, tmp_p
         wrong = int((truth != got).sum())
         assert wrong == 0, (f"segment {number} ({name}): {wrong} voxels differ from the organ mask "
                             f"({int(got.sum())} shown, {int(truth.sum())} expected)")
-
-
-def wait_for_sr_annotations(browser: Browser, timeout: float = 15.0) -> int:
-    """Wait until OHIF has turned the SR's point groups into annotations; return how many."""
-    js = """() => window.cornerstoneTools?.annotation.state.getAllAnnotations()
-              .filter(a => a.metadata?.toolName === 'DICOMSRDisplay').length ?? 0"""
-    deadline = time.monotonic() + timeout
-    while (n := browser.page.evaluate(js)) == 0 and time.monotonic() < deadline:
-        browser.page.wait_for_timeout(100)
-    return n
-
-
-def step_through_findings(browser: Browser, steps: int, out: Path) -> tuple[list[dict], list[str]]:
-    """Every annotation drawn while stepping with the viewport's next-finding arrow, and the
-    overlay text of the steps that drew none (a screenshot of each step goes to ``out``)."""
-    page = browser.page
-    seen: list[dict] = []
-    blank = []
-    for i in range(steps):
-        page.wait_for_timeout(300)
-        shown = page.evaluate(SHOWN_ANNOTATIONS_JS) or []
-        overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]').inner_text()
-        page.screenshot(path=str(out / f"sr-step{i}.png"))
-        seen += [{**a, "overlay": overlay, "step": i} for a in shown]
-        if not shown:
-            blank.append(f"step {i} at {overlay!r}")
-        page.locator('[data-cy="viewport-action-arrows-right"]').click()
-    return seen, blank
 
 
 def check_arrow(f, a: dict, study) -> list[str]:
