@@ -21,8 +21,12 @@ REQUIRED: dict[str, list[str]] = {
     "orthanc-dicomweb": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
     "postgresql": ["/usr/lib/postgresql/*/bin/initdb"],
     "chromium": ["chromium"],
-    "npm": ["npm"],  # installs the pinned OHIF build for the viewer tests
+    # Node.js and npm install the pinned OHIF build for the viewer tests. Where Node.js comes from
+    # elsewhere (NodeSource bundles npm) Debian's npm conflicts with it: only install both when
+    # node itself is missing.
+    "nodejs": ["node", "npm"],
 }
+APT_NAMES = {"nodejs": ["nodejs", "npm"]}
 
 
 def _present(item: str) -> bool:
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if not missing:
         print("system tools: dcmtk, dicom3tools, orthanc (+dicomweb), postgresql, chromium, npm present")
         return 0
-    cmd = ["apt-get", "install", "-y", "-q", *missing]
+    cmd = ["apt-get", "install", "-y", "-q", *[n for pkg in missing for n in APT_NAMES.get(pkg, [pkg])]]
     if args.install and os.geteuid() == 0 and shutil.which("apt-get"):
         print(f"installing missing system packages: {' '.join(missing)}", flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}

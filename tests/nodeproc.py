@@ -53,10 +53,10 @@ class NodeProcess:
 
     def start(self, timeout: float = 60) -> "NodeProcess":
         """Start the node and wait until it listens."""
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config",
+                                          str(self.config_path)], env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for_port(self.port, timeout=timeout, proc=self.proc)
         except Exception as exc:

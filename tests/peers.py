@@ -120,9 +120,9 @@ class Orthanc:
         """Start Orthanc and wait until both ports answer."""
         cfg_path = self.workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(self.config(), indent=1))
-        log = open(self.workdir / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([self.binary, str(cfg_path)], env=PEER_ENV, stdout=log,
-                                     stderr=subprocess.STDOUT)
+        with open(self.workdir / "orthanc.log", "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([self.binary, str(cfg_path)], env=PEER_ENV, stdout=log,
+                                         stderr=subprocess.STDOUT)
         wait_for_port(self.http_port, proc=self.proc)
         wait_for_port(self.dicom_port, proc=self.proc)
         return self
@@ -198,8 +198,8 @@ class StoreSCP:
         """Start storescp and wait until it listens."""
         args = [self.binary, "--aetitle", self.aet, "--output-directory", str(self.outdir),
                 "--max-pdu", str(self.max_pdu), "--accept-all", *self.extra_args, str(self.port)]
-        log = open(self.outdir.parent / f"storescp-{self.port}.log", "ab")
-        self.proc = subprocess.Popen(args, env=PEER_ENV, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.outdir.parent / f"storescp-{self.port}.log", "ab") as log:
+            self.proc = subprocess.Popen(args, env=PEER_ENV, stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.port, proc=self.proc)
         return self
 
