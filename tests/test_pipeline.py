@@ -325,3 +325,20 @@ def test_analyze_command_writes_json_results_and_a_table(tmp_path, model, capsys
     # a pipeline name the config does not have: a usage error naming the known ones
     assert main(["analyze", str(series), "--out", str(out), "--config", str(config), "--pipeline", "x"]) == 2
     assert "known: tiny" in capsys.readouterr().err
+
+
+def test_largest_component_per_organ_removes_fragments():
+    from ai_core.components import keep_largest_components
+
+    a = np.zeros((10, 12, 14), dtype=np.uint8)
+    a[2:6, 2:6, 2:6] = 1  # organ 1: main body (64 voxels)
+    a[0, 11, 13] = 1  # a stray voxel of organ 1 in a corner (on the edge of the volume)
+    a[8:10, 0:2, 0:2] = 1  # a fragment of 8 voxels
+    a[2:6, 7:10, 7:12] = 2  # organ 2 touching nothing else
+    a[6, 5, 5] = 2  # organ 2 fragment touching organ 1 (different value: its own component)
+    out = keep_largest_components(a)
+    expected = np.zeros_like(a)
+    expected[2:6, 2:6, 2:6] = 1
+    expected[2:6, 7:10, 7:12] = 2
+    np.testing.assert_array_equal(out, expected)
+    assert keep_largest_components(np.zeros((3, 3, 3), np.uint8)).sum() == 0
