@@ -537,11 +537,13 @@ class Pipeline:
                     crop = crops.crops[organ]
                     members = [crop.masks[m] for m in self.members(organ) if m in crop.masks]
                     masks.append(members[0] if len(members) == 1 else np.logical_or.reduce(members))
+                mask_t = torch.from_numpy(np.stack(masks)).to(self.device)
                 t0 = time.perf_counter()
-                levels = self.model.image_levels(image)
+                # A model whose encoder also sees the organ's mask (vision.mask_channel) gets it.
+                levels = self.model.image_levels(image, mask_t if self.spec.vision.mask_channel else None)
                 for b, organ in enumerate(names):
                     index = self.spec.organ_index(organ)
-                    pooled = self.model.pool_organ(levels, b, index, torch.from_numpy(masks[b]).to(self.device))
+                    pooled = self.model.pool_organ(levels, b, index, mask_t[b])
                     out[organ] = self.model.project_image(pooled, index).float().cpu()
                 self._vlp_seconds += time.perf_counter() - t0
                 del levels, image
@@ -560,9 +562,9 @@ class Pipeline:
         shape = padded_shape(self.crop_config.window, self.crop_config.patch)
         with torch.inference_mode():
             image = torch.zeros((1, 1, *shape), device=self.device)
-            levels = self.model.image_levels(image)
             mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
             mask[tuple(slice(0, max(1, n // 4)) for n in shape)] = True
+            levels = self.model.image_levels(image, mask[None] if self.spec.vision.mask_channel else None)
             self.model.project_image(self.model.pool_organ(levels, 0, 0, mask), 0)
 
 

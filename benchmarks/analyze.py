@@ -52,7 +52,9 @@ def random_demo_like(threads: int):
     torch.manual_seed(0)
     cfg = SegTrainConfig(work_dir=Path(tempfile.mkdtemp(prefix="bench-seg-")))
     bundle = export_bundle(cfg, build_network(cfg).eval(), cfg.work_dir / "bundle", version="random")
-    segmenter = make_segmenter("monai_bundle", bundle_dir=bundle, device="cpu")
+    from ai_core.components import LargestComponentSegmenter
+
+    segmenter = LargestComponentSegmenter(make_segmenter("monai_bundle", bundle_dir=bundle, device="cpu"))
     model = build_model(phantom_demo_spec(name="random (demo-shaped) VLP")).eval()
     return segmenter, model
 
@@ -96,10 +98,10 @@ def main() -> int:
         random_seg, random_vlp = random_demo_like(args.threads)
         segmenter = None if have_seg else random_seg
         model = None if have_vlp else random_vlp
-    if segmenter is None:
-        from ai_core.segmentation import make_segmenter
+    if segmenter is None:  # as the pipeline builds it from the default settings
+        from ai_core.pipeline import make_pipeline_segmenter
 
-        segmenter = make_segmenter("builtin", device="cpu")
+        segmenter = make_pipeline_segmenter(PipelineSettings(device="cpu"), "cpu")
     pipeline = Pipeline(PipelineSettings(device="cpu"), segmenter=segmenter, model=model)
     which = ", ".join([
         "shipped demo segmenter" if have_seg else "RANDOM demo-shaped segmenter (demo bundle not installed)",

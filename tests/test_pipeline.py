@@ -342,3 +342,36 @@ def test_largest_component_per_organ_removes_fragments():
     expected[2:6, 7:10, 7:12] = 2
     np.testing.assert_array_equal(out, expected)
     assert keep_largest_components(np.zeros((3, 3, 3), np.uint8)).sum() == 0
+
+
+@pytest.mark.parametrize("variant", ["plain", "mask_channel"])
+def test_pipeline_probabilities_equal_the_model_on_the_same_window(case, model, variant):
+    from ai_core.crops import crop_organs
+    from ai_core.evaluation import phantom_volume
+    from ai_core.zeroshot import ZeroShotScorer
+
+    if variant == "mask_channel":
+        spec = model.spec.with_updates(vision=model.spec.vision.model_copy(update={"mask_channel": True}))
+        torch.manual_seed(2)
+        model = build_model(spec).eval()
+    pipeline = Pipeline(segmenter=Oracle(case), model=model)
+    volume = phantom_volume(case)
+    result = pipeline.analyze_volume(volume)
+    segmentation = pipeline.segmenter.segment(volume)
+    crops = crop_organs(volume, segmentation.labels, segmentation.organ_labels, pipeline.crop_config,
+                        organs=list(model.spec.organs))
+    scorer = ZeroShotScorer(model)
+    checked = 0
+    for organ in ("liver", "spleen", "kidney_left"):
+        crop = crops.crops[organ]
+        label_map = torch.from_numpy(crop.label_map(model.spec.organs))[None]
+        with torch.no_grad():
+            emb, valid = model.encode_organs(torch.from_numpy(crop.image)[None], label_map,
+                                             [model.spec.organ_index(organ)])
+        assert bool(valid[0, 0])
+        expected = scorer.probabilities(organ, emb[0, 0])
+        got = {f.finding: f.probability for f in result.findings if f.organ == organ}
+        for key, p in expected.items():
+            assert got[key] == pytest.approx(p, abs=1e-5), (organ, key)
+            checked += 1
+    assert checked == 6
