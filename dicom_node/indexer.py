@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Indexer:
     """Batches ``InstanceRecord``s into database transactions on its own thread."""
 
-    def __init__(self, factory: sessionmaker[Session], *, batch_size: int = 500, max_delay: float = 0.05,
+    def __init__(self, factory: sessionmaker[Session], *, batch_size: int = 2000, max_delay: float = 0.5,
                  on_indexed: Callable[[IndexOutcome], None] | None = None):
         self.factory = factory
         self.batch_size = batch_size

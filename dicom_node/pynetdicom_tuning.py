@@ -7,10 +7,16 @@ the next) these cost ~2 ms and a few hundred system calls per image, more than t
 
 The overrides below keep pynetdicom's logic and only change how it waits and reads:
 
-- the association reactor's sleep waits on its DIMSE message queue (woken when a message arrives);
+- the acceptor's association reactor sleep waits on its DIMSE message queue (woken when a
+  message arrives);
+- a requestor's association reactor sleep returns as soon as the user thread asks it to pause
+  (every ``send_c_store`` does, then polls until it has: one poll period per image otherwise);
 - the DUL thread's sleep waits in ``select`` on its socket and on a wake-up socket that
   ``send_pdu`` pokes, so it reacts at once to incoming data and to outgoing responses;
-- ``AssociationSocket.recv`` reads a whole PDU with ``recv_into`` into one buffer.
+- ``AssociationSocket.recv`` reads a whole PDU with ``recv_into`` into one buffer;
+- each new association copies the server's ~150 supported presentation contexts with a flat
+  copy instead of ``copy.deepcopy`` (~100 ms per association, all of it pydicom UID objects
+  that are never mutated).
 
 ``apply()`` refuses to patch any other pynetdicom version (the node then runs unpatched, slower,
 and says so); ``tests/test_pynetdicom_tuning.py`` covers the behaviour.
@@ -22,12 +28,15 @@ import logging
 import select
 import socket
 import threading
+import copy
 import time as _time
 
 import pynetdicom
 from pynetdicom import association as _association
+from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
 from pynetdicom import transport as _transport
+from pynetdicom.presentation import PresentationContext
 
 log = logging.getLogger(__name__)
 WRITTEN_FOR = "3.0.4"
@@ -69,10 +78,18 @@ class _AssociationTime:
     @staticmethod
     def sleep(delay: float) -> None:
         thread = threading.current_thread()
-        # only the acceptor reactor's 1 ms poll is replaced; a requestor's user thread blocks on the
-        # same queue for its responses and must keep being the one that is woken
-        if delay != 0.001 or not isinstance(thread, _association.Association) or not thread.is_acceptor:
+        if delay != 0.001 or not isinstance(thread, _association.Association):
             _time.sleep(delay)
+            return
+        if not thread.is_acceptor:
+            # a requestor's user thread blocks on the DIMSE queue for its responses and must stay the
+            # one woken by them; the reactor only needs to notice a pause request quickly
+            checkpoint = thread._reactor_checkpoint
+            if isinstance(checkpoint, _Checkpoint):
+                checkpoint.cleared.wait(delay)
+                checkpoint.cleared.clear()
+            else:
+                _time.sleep(delay)
             return
         q = thread.dimse.msg_queue
         with q.not_empty:
@@ -81,6 +98,49 @@ class _AssociationTime:
                 q.not_empty.wait(0.005)
             if q._qsize():
                 q.not_empty.notify()  # pass the wake-up on: another thread may be waiting to get()
+
+
+class _Checkpoint(threading.Event):
+    """The association's pause flag; ``clear()`` (a pause request) also wakes the reactor's sleep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cleared = threading.Event()
+        self.lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self.lock:  # see _wrap_get_msg: no reactor poll of the DIMSE queue straddles a pause
+            super().clear()
+        self.cleared.set()
+
+
+def _wrap_get_msg(original):
+    def get_msg(self, block: bool = False):
+        # pynetdicom's pause handshake is racy: a requestor's reactor can pass its checkpoint just
+        # before the user thread pauses it, then take the user's C-STORE response off the queue; the
+        # user waits for the DIMSE timeout and the association is aborted. The reactor's poll
+        # therefore never takes a message while a pause is requested.
+        assoc = self.assoc
+        checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+        if block or not isinstance(checkpoint, _Checkpoint) or threading.current_thread() is not assoc:
+            return original(self, block)
+        with checkpoint.lock:
+            if not checkpoint.is_set():
+                return None, None
+            return original(self, block)
+
+    return get_msg
+
+
+def _wrap_association_init(original):
+    def __init__(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        checkpoint = _Checkpoint()
+        if self._reactor_checkpoint.is_set():
+            checkpoint.set()
+        self._reactor_checkpoint = checkpoint
+
+    return __init__
 
 
 def _recv(self, nr_bytes: int) -> bytearray:
@@ -97,6 +157,23 @@ def _recv(self, nr_bytes: int) -> bytearray:
     if got < nr_bytes:
         del buf[got:]
     return buf
+
+
+def _copy_contexts(value, memo=None):
+    """``deepcopy`` for ``transport``: a flat copy of a list of presentation contexts.
+
+    A context holds ints, bools and UIDs (immutable ``str``) plus one list of transfer syntaxes,
+    which negotiation may replace but must not share: that list is copied, nothing else needs to be.
+    """
+    if isinstance(value, list) and all(type(cx) is PresentationContext for cx in value):
+        out = []
+        for cx in value:
+            new = PresentationContext.__new__(PresentationContext)
+            new.__dict__.update(cx.__dict__)
+            new._transfer_syntax = list(cx._transfer_syntax)
+            out.append(new)
+        return out
+    return copy.deepcopy(value, memo)
 
 
 def _wrap_run_reactor(original):
@@ -139,7 +216,10 @@ def apply() -> bool:
         return False
     _dul.time = _DulTime()
     _association.time = _AssociationTime()
+    _association.Association.__init__ = _wrap_association_init(_association.Association.__init__)
+    _dimse.DIMSEServiceProvider.get_msg = _wrap_get_msg(_dimse.DIMSEServiceProvider.get_msg)
     _transport.AssociationSocket.recv = _recv
+    _transport.deepcopy = _copy_contexts
     _dul.DULServiceProvider.run_reactor = _wrap_run_reactor(_dul.DULServiceProvider.run_reactor)
     _dul.DULServiceProvider.send_pdu = _wrap_send_pdu(_dul.DULServiceProvider.send_pdu)
     _applied = True

@@ -58,3 +58,46 @@ def test_store_and_echo_both_ways_without_stalls_or_fd_leaks(tmp_path):
         assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
     finally:
         server.shutdown()
+
+
+def test_acceptor_context_copy_is_flat_but_independent():
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+    from pynetdicom import transport
+
+    pynetdicom_tuning.apply()
+    ae = AE()
+    for cx in AllStoragePresentationContexts[:20]:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    original = ae.supported_contexts
+    copied = transport.deepcopy(original)
+    assert copied == original and all(a is not b for a, b in zip(copied, original))
+    copied[0].transfer_syntax.append("1.2.3")
+    copied[0].result = 0x00
+    assert "1.2.3" not in original[0].transfer_syntax and original[0].result is None
+    assert transport.deepcopy({"a": [1]}) == {"a": [1]}  # anything else: a real deepcopy
+
+
+def test_requestor_reactor_never_takes_a_message_while_paused(monkeypatch):
+    pynetdicom_tuning.apply()
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(Verification)
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+        assert assoc.is_established
+        assoc._reactor_checkpoint.clear()  # what every send_*() does before sending its request
+        response = (1, "the user's response")
+        assoc.dimse.msg_queue.put(response)
+        # the race: the reactor passed its checkpoint just before the pause, then polls the queue
+        monkeypatch.setattr(pynetdicom_tuning.threading, "current_thread", lambda: assoc)
+        assert assoc.dimse.get_msg(block=False) == (None, None)
+        monkeypatch.undo()
+        assert assoc.dimse.get_msg(block=True) == response  # the user thread gets it
+        assoc._reactor_checkpoint.set()
+        assert assoc.send_c_echo().Status == 0  # the handshake still works end to end
+        assoc.release()
+    finally:
+        server.shutdown()
