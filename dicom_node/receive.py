@@ -109,9 +109,9 @@ class StoreHandler:
         ts = UID(str(event.context.transfer_syntax))
         stream: BytesIO = event.request.DataSet
         try:
-            ds, pixel_problem = read_header(stream, ts)
-            values = {k: str(ds.get(k, "") or "").strip() for k in REQUIRED_UIDS}
-            modality = str(ds.get("Modality", "") or "") or None
+            header, pixel_problem = read_header(stream, ts)
+            values = {k: str(header.get(k) or "").strip() for k in REQUIRED_UIDS}
+            modality = str(header.get("Modality") or "") or None
         except Exception as exc:
             log.warning("C-STORE: dataset cannot be decoded: %s", exc)
             return status(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}")
@@ -160,46 +160,145 @@ def _stop_at_pixels(tag, vr, length) -> bool:
     return tag >= PIXEL_DATA
 
 
-def read_header(stream: BytesIO, ts: UID) -> tuple[Dataset, str | None]:
-    """Decode the attributes before Pixel Data and check that Pixel Data is complete.
+# The attributes the receive path reads: the UIDs it files and checks, and the pixel geometry.
+HEADER_TAGS = {
+    0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x00080060: "Modality",
+    0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID", 0x00280002: "SamplesPerPixel",
+    0x00280008: "NumberOfFrames", 0x00280010: "Rows", 0x00280011: "Columns", 0x00280100: "BitsAllocated",
+}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
 
-    Returns the header dataset and a problem description (None when the data are whole).
+
+class _Unusual(Exception):
+    """The fast header scan met something it leaves to pydicom."""
+
+
+def _skip_sequence(buf, pos: int, implicit: bool, depth: int) -> int:
+    """Position after the Sequence Delimitation Item of an undefined-length sequence at ``pos``."""
+    while True:
+        if pos + 8 > len(buf):
+            raise _Unusual
+        group, elem, length = struct.unpack_from("<HHI", buf, pos)
+        tag = group << 16 | elem
+        if tag == _SEQUENCE_END:
+            return pos + 8
+        if tag != _ITEM:
+            raise _Unusual
+        pos = _scan(buf, pos + 8, implicit, depth + 1, None) if length == _UNDEFINED else pos + 8 + length
+
+
+def _scan(buf, pos: int, implicit: bool, depth: int, found: dict | None) -> int:
+    """Walk Little Endian elements from ``pos``: to Pixel Data at the top level (collecting
+    HEADER_TAGS into ``found``), or past the Item Delimitation Item inside an item."""
+    if depth > 16:
+        raise _Unusual
+    total = len(buf)
+    while pos + 8 <= total:
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        tag = group << 16 | elem
+        if found is not None and tag >= PIXEL_DATA:
+            return pos
+        if group == 0xFFFE:  # only an Item Delimitation Item may stand among elements
+            if tag == _ITEM_END and found is None:
+                return pos + 8
+            raise _Unusual
+        if implicit:
+            length, start, vr = struct.unpack_from("<I", buf, pos + 4)[0], pos + 8, None
+        else:
+            vr = bytes(buf[pos + 4:pos + 6])
+            if vr in _LONG_VRS:
+                if pos + 12 > total:
+                    raise _Unusual
+                length, start = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+            elif vr.isalpha() and vr.isupper():
+                length, start = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+            else:
+                raise _Unusual
+        if length == _UNDEFINED:  # a sequence (UN of undefined length holds implicit VR data)
+            if vr not in (None, b"SQ", b"UN"):
+                raise _Unusual
+            pos = _skip_sequence(buf, start, implicit or vr == b"UN", depth)
+            continue
+        if start + length > total:
+            raise _Unusual
+        if found is not None and tag in HEADER_TAGS:
+            found[HEADER_TAGS[tag]] = bytes(buf[start:start + length])
+        pos = start + length
+    if pos != total or found is None:
+        raise _Unusual
+    return pos
+
+
+def _fast_header(buf, implicit: bool) -> tuple[dict, int] | None:
+    """HEADER_TAGS values and the offset of Pixel Data, by a direct scan; None to ask pydicom."""
+    raw: dict[str, bytes] = {}
+    try:
+        pos = _scan(buf, 0, implicit, 0, raw)
+        values: dict = {}
+        for key, value in raw.items():
+            if key in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated"):
+                if len(value) != 2:
+                    raise _Unusual
+                values[key] = struct.unpack("<H", value)[0]
+            else:
+                text = value.decode("ascii").strip(" \0")
+                if "\\" in text:
+                    raise _Unusual  # several values: pydicom decides what they mean
+                values[key] = int(text) if key == "NumberOfFrames" and text else text or None
+    except (_Unusual, UnicodeDecodeError, ValueError, struct.error):
+        return None
+    return values, pos
+
+
+def read_header(stream: BytesIO, ts: UID) -> tuple[dict, str | None]:
+    """Read the attributes in HEADER_TAGS (by keyword) and check that Pixel Data is complete.
+
+    Returns the values found and a problem description (None when the data are whole). A direct
+    scan of the elements before Pixel Data reads them; pydicom does when the scan meets anything
+    unusual (big endian, odd VRs or lengths, several values), so both agree on what is accepted.
     """
     if ts == DeflatedExplicitVRLittleEndian:  # rare: inflate, then read as explicit little endian
         stream.seek(0)
         raw = zlib.decompress(stream.read(), -zlib.MAX_WBITS)
         return read_header(BytesIO(raw), UID(ExplicitVRLittleEndian))
-    stream.seek(0)
-    ds = read_dataset(stream, ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixels)
-    pos = stream.tell()
     buf = stream.getbuffer()
     try:
+        scanned = _fast_header(buf, ts.is_implicit_VR) if ts.is_little_endian else None
+        if scanned is None:
+            stream.seek(0)
+            ds = read_dataset(stream, ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixels)
+            values, pos = {k: ds.get(k) for k in HEADER_TAGS.values()}, stream.tell()
+        else:
+            values, pos = scanned
         total = len(buf)
         if pos + 8 > total:
-            return ds, None
+            return values, None
         group, elem = struct.unpack_from("<HH", buf, pos)
         if (group, elem) != (0x7FE0, 0x0010):
-            return ds, None  # Float/Double Float Pixel Data or trailing elements: not checked
+            return values, None  # Float/Double Float Pixel Data or trailing elements: not checked
         if ts.is_implicit_VR:
             length, start = struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
         else:
             length, start = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
         if length == 0xFFFFFFFF:  # encapsulated: must end with a Sequence Delimitation Item
             if bytes(buf[-8:]) != SEQUENCE_DELIMITER and bytes(buf[start:]).rfind(SEQUENCE_DELIMITER) < 0:
-                return ds, "encapsulated Pixel Data has no end (truncated)"
-            return ds, None
+                return values, "encapsulated Pixel Data has no end (truncated)"
+            return values, None
         if start + length > total:
-            return ds, f"Pixel Data truncated: {total - start} of {length} bytes"
+            return values, f"Pixel Data truncated: {total - start} of {length} bytes"
     finally:
         buf.release()
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames * int(ds.BitsAllocated)
-    except (AttributeError, TypeError, ValueError):
-        return ds, "Pixel Data without valid Rows/Columns/Bits Allocated"
+        frames = int(values.get("NumberOfFrames") or 1)
+        expected = (int(values["Rows"]) * int(values["Columns"]) * int(values.get("SamplesPerPixel") or 1)
+                    * frames * int(values["BitsAllocated"]))
+    except (KeyError, TypeError, ValueError):
+        return values, "Pixel Data without valid Rows/Columns/Bits Allocated"
     if length * 8 < expected:
-        return ds, f"Pixel Data holds {length} bytes; Rows x Columns x frames needs {(expected + 7) // 8}"
-    return ds, None
+        return values, f"Pixel Data holds {length} bytes; Rows x Columns x frames needs {(expected + 7) // 8}"
+    return values, None
 
 
 def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:

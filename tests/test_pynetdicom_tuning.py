@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from io import BytesIO
 import time
 
 import pynetdicom
@@ -101,3 +102,42 @@ def test_requestor_reactor_never_takes_a_message_while_paused(monkeypatch):
         assoc.release()
     finally:
         server.shutdown()
+
+
+def test_command_sets_encode_exactly_as_pydicom_does():
+    from pydicom.dataset import Dataset
+    from pynetdicom import dimse_messages, dsutils
+    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+    pynetdicom_tuning.apply()
+    assert dimse_messages.encode is pynetdicom_tuning._fast_encode
+    req = C_STORE()
+    req.MessageID = 7
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = "1.2.3.4.5"  # odd length: padded with NUL
+    req.Priority = 2
+    req.MoveOriginatorApplicationEntityTitle = "MOVER"
+    req.MoveOriginatorMessageID = 3
+    req.DataSet = BytesIO(b"\x08\x00\x16\x00\x00\x00\x00\x00")
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = CTImageStorage
+    rsp.AffectedSOPInstanceUID = "1.2.3.4.56"
+    rsp.Status = 0xA700
+    echo = C_ECHO()
+    echo.MessageID = 65535
+    echo.AffectedSOPClassUID = Verification
+    messages = []
+    for primitive, cls in ((req, dimse_messages.C_STORE_RQ), (rsp, dimse_messages.C_STORE_RSP),
+                           (echo, dimse_messages.C_ECHO_RQ)):
+        msg = cls()
+        msg.primitive_to_message(primitive)
+        messages.append(msg.command_set)
+    messages[1].ErrorComment = "odd comment"  # padded with a space
+    for ds in messages:
+        fast = pynetdicom_tuning._encode_command(ds)
+        assert fast is not None and fast == dsutils.encode(ds, True, True)
+    unusual = Dataset()
+    unusual.OffendingElement = [0x00100010]  # AT: left to pydicom
+    assert pynetdicom_tuning._encode_command(unusual) is None
+    assert pynetdicom_tuning._fast_encode(unusual, True, True) == dsutils.encode(unusual, True, True)
