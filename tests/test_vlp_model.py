@@ -202,3 +202,32 @@ def test_input_windows_and_conv_stem():
     emb, valid = model.encode_organs(image, labels)
     assert emb.shape == (1, 2, 16) and valid.all()
     assert [tuple(lv.shape) for lv in model.image_levels(image)] == [(1, 64, 32)] * 3
+
+
+def test_demo_options_mask_channel_token_max_batch_norm():
+    base = tiny_spec()
+    spec = base.with_updates(
+        vision=base.vision.model_copy(update={"mask_channel": True, "stem": (8,)}),
+        pooling=base.pooling.model_copy(update={"token_max": True, "batch_norm": True}),
+    )
+    torch.manual_seed(8)
+    model = build_model(spec).eval()
+    assert model.visual_encoder.stem[0].in_channels == 3  # image, image inside the organ, organ mask
+    image, labels = _window(8)
+    emb, valid = model.encode_organs(image, labels)
+    assert emb.shape == (1, 2, 16) and valid.all()
+    # the encoder is asked about one organ at a time: another organ's mask changes nothing
+    other = labels.clone()
+    other[other == 2] = 0
+    assert torch.equal(model.encode_organs(image, other, organs=[0])[0][0, 0], emb[0, 0])
+    # pooling (attention + token maximum) still sees only the organ's tokens
+    with torch.no_grad():
+        mask = labels[0] == 1
+        levels = model.image_levels(image, mask[None])
+        before = model.pool_organ(levels, 0, 0, mask)
+        outside = ~organ_token_mask(mask, spec.vision.patch)
+        for lv in levels:
+            lv[0, outside] = torch.randn_like(lv[0, outside]) * 100
+        assert torch.equal(before, model.pool_organ(levels, 0, 0, mask))
+    # batch statistics in training, running statistics at inference
+    assert model.vision_norms[0].running_var.shape == (32,)

@@ -40,7 +40,8 @@ def test_decisions_use_calibrated_thresholds(model):
     scorer = ZeroShotScorer(model)
     image = torch.nn.functional.normalize(torch.randn(16), dim=0)
     probs = scorer.probabilities("liver", image)
-    results = scorer.score({"liver": image, "spleen": None}, reasons={"spleen": "organ touches the edge of the field of view"})
+    reasons = {"spleen": "organ touches the edge of the field of view"}
+    results = scorer.score({"liver": image, "spleen": None}, reasons=reasons)
     by_key = {(r.organ, r.finding): r for r in results}
     assert set(by_key) == {("liver", "cyst"), ("liver", "lesion"), ("spleen", "cyst"), ("spleen", "lesion")}
     for finding, threshold in (("cyst", 0.3), ("lesion", 0.9)):

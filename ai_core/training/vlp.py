@@ -179,7 +179,8 @@ def case_windows(case: TrainCase, spec: ModelSpec, rng: np.random.Generator, jit
         )
         if jitter:
             shift = rng.integers(-jitter, jitter + 1, 3)
-            box = tuple(slice(max(0, s.start + int(d)), min(n, s.stop + int(d))) for s, d, n in zip(box, shift, lab.shape))
+            box = tuple(slice(max(0, s.start + int(d)), min(n, s.stop + int(d)))
+                        for s, d, n in zip(box, shift, lab.shape))
         start, size = window_bounds(box, lab.shape, config.window, config.max_window)
         image, masks = crop_window(scaled, lab, start, size, config.patch, {m: case.organ_labels[m] for m in members})
         mask = np.zeros(image.shape[1:], dtype=bool)
@@ -189,7 +190,8 @@ def case_windows(case: TrainCase, spec: ModelSpec, rng: np.random.Generator, jit
         total = sum(int(counts[v]) for v in values)
         if total == 0 or mask.sum() / total < config.min_inside:
             continue
-        out.append(Window(case.case_id, organ, image.astype(np.float16), np.packbits(mask.ravel()), case.reports[organ]))
+        bits = np.packbits(mask.ravel())
+        out.append(Window(case.case_id, organ, image.astype(np.float16), bits, case.reports[organ]))
     return out
 
 
@@ -247,7 +249,9 @@ def fn_calibrated_targets(texts: Sequence[str], normal: Sequence[bool]) -> torch
     return targets / targets.sum(1, keepdim=True)
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, temp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    image: torch.Tensor, text: torch.Tensor, temp: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """Symmetric image-text cross-entropy against soft targets (fVLM ``loss_itc``)."""
     sim = image @ text.t() / temp
     i2t = -(F.log_softmax(sim, dim=1) * targets).sum(1).mean()
@@ -303,15 +307,15 @@ class TrainConfig:
     val_seed: int = 2000  # phantom set of the calibration cases (never used for training)
     n_train: int = 240
     n_val: int = 60
-    epochs: int = 6
+    epochs: int = 8
     batch_cases: int = 8
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
     jitter: int = 3
     noise: float = 0.01  # std of Gaussian noise added to the 0..1 input during training
-    weight_itc: float = 1.0
-    weight_dictionary: float = 0.5
+    weight_itc: float = 0.5
+    weight_dictionary: float = 0.25
     weight_prompts: float = 1.0
     workers: int = 2
     threads: int = 2
@@ -369,11 +373,12 @@ def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str 
         organs=PHANTOM_ORGANS,
         embed_dim=128,
         vision=VisionSpec(
-            window=(32, 48, 64), patch=(8, 8, 8), hidden=96, depth=3, heads=4, mlp_dim=192, taps=(0, 1), stem=(16, 32),
+            window=(32, 48, 64), patch=(8, 8, 8), hidden=96, depth=3, heads=4, mlp_dim=192, taps=(0, 1),
+            stem=(16, 32), mask_channel=True,
             # lung parenchyma (emphysema), soft tissue (lesions, cysts, steatosis, fluid), calcium
             input_windows=((-1000.0, -700.0), (-150.0, 250.0), (200.0, 1000.0)),
         ),
-        pooling=PoolingSpec(kind="fvlm_query", heads=4, dropout=0.1, batch_norm=True),
+        pooling=PoolingSpec(kind="fvlm_query", heads=4, dropout=0.1, batch_norm=True, token_max=True),
         text=TextSpec(source=MINILM_PACKAGE, hidden=384, layers=6, heads=12, intermediate=1536, max_length=64,
                       padding="longest", pooling="mean", freeze=True),
         preprocess=PreprocessSpec(spacing_mm=(3.0, 3.0, 4.5), hu_window=(-1000.0, 1000.0), min_window=(32, 48, 64)),
@@ -392,18 +397,19 @@ def forward_windows(model: OrganVLP, windows: Sequence[Window], noise: float = 0
         image = torch.from_numpy(np.stack([windows[i].image for i in idx])).to(device=device, dtype=torch.float32)
         if noise > 0:
             image = image + noise * torch.randn_like(image)
-        levels = model.image_levels(image)
+        masks = [torch.from_numpy(windows[i].mask()).to(device) for i in idx]
+        levels = model.image_levels(image, torch.stack(masks) if model.spec.vision.mask_channel else None)
         for b, i in enumerate(idx):
             organ = model.spec.organ_index(windows[i].organ)
-            mask = torch.from_numpy(windows[i].mask()).to(device)
-            out[i] = model.pool_organ(levels, b, organ, mask)
+            out[i] = model.pool_organ(levels, b, organ, masks[b])
     # projections per organ over the whole batch (batch statistics when the spec normalises)
     by_organ: dict[str, list[int]] = {}
     for i, w in enumerate(windows):
         by_organ.setdefault(w.organ, []).append(i)
     result: list[torch.Tensor | None] = [None] * len(windows)
     for organ, idx in by_organ.items():
-        emb = model.project_image(torch.stack([out[i] for i in idx]), model.spec.organ_index(organ))  # type: ignore[misc]
+        pooled = torch.stack([out[i] for i in idx])  # type: ignore[misc]
+        emb = model.project_image(pooled, model.spec.organ_index(organ))
         for k, i in enumerate(idx):
             result[i] = emb[k]
     return torch.stack(result)  # type: ignore[arg-type]
@@ -763,7 +769,7 @@ def add_cli_arguments(parser) -> None:
                         help="directory for the final model.pt (default: the package's ai_core/models/demo_vlp)")
     parser.add_argument("--train-cases", type=int, default=200, help="training phantoms (default 200)")
     parser.add_argument("--val-cases", type=int, default=40, help="calibration phantoms, other seeds (default 40)")
-    parser.add_argument("--epochs", type=int, default=6, help="passes over the training cases (default 6)")
+    parser.add_argument("--epochs", type=int, default=8, help="passes over the training cases (default 8)")
     parser.add_argument("--batch-cases", type=int, default=8, help="cases per step, all their organs (default 8)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default 2e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch order (default 0)")
@@ -809,6 +815,9 @@ def run_cli(args) -> int:
     record["wall_seconds"] = round(seconds, 1)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path, out / "model.pt")
+    final_spec = ModelSpec.model_validate(read_checkpoint(out / "model.pt")["spec"])
+    # a readable copy of what the checkpoint holds (the checkpoint's own spec is authoritative)
+    (out / "spec.json").write_text(json.dumps(final_spec.model_dump(mode="json"), indent=2))
     (out / "training.json").write_text(json.dumps(record, indent=2))
     metrics, what = record["validation"], "calibration split"
     if args.eval_cases > 0 and config.data_dir is None:

@@ -168,9 +168,17 @@ class OrganVLP(nn.Module):
         hu = image * (hi - lo) + lo
         return torch.cat([((hu - a) / (b - a)).clamp(0.0, 1.0) for a, b in windows], dim=1)
 
-    def image_levels(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Encoder outputs used as pooling keys: 3D heads (B, L, C) per level; RadCLIP [(B, D, C)]."""
+    def image_levels(self, image: torch.Tensor, organ_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Encoder outputs used as pooling keys: 3D heads (B, L, C) per level; RadCLIP [(B, D, C)].
+
+        With ``vision.mask_channel`` the encoder also needs the mask (B, D, H, W) of the organ asked about.
+        """
         image = self.input_channels(image)
+        if self.spec.vision.mask_channel:
+            if organ_mask is None:
+                raise ValueError("this model's encoder needs the organ mask (vision.mask_channel)")
+            m = organ_mask.to(image.dtype).unsqueeze(1)
+            image = torch.cat([image, image * m, m], dim=1)
         if self.spec.pooling.kind == "radclip_slice":
             b, c, d, h, w = image.shape
             tokens, _ = self.visual_encoder(image.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w))
@@ -183,7 +191,10 @@ class OrganVLP(nn.Module):
         kind = self.spec.pooling.kind
         if kind == "fvlm_query":
             tokens = organ_token_mask(mask, self.spec.vision.patch)
-            return query_pool(self.query_tokens[organ], self.attention, [lv[b] for lv in levels], tokens)
+            pooled = query_pool(self.query_tokens[organ], self.attention, [lv[b] for lv in levels], tokens)
+            if self.spec.pooling.token_max:
+                pooled = pooled + torch.cat([lv[b][tokens] for lv in levels]).amax(0)
+            return pooled
         if kind == "ctglip_mask_avg":
             weights = organ_token_weights(mask, self.spec.vision.patch)
             return mask_average_pool([lv[b] for lv in levels], weights)
@@ -216,7 +227,8 @@ class OrganVLP(nn.Module):
         An organ absent from a window gets a zero row and ``valid = False``.
         """
         organs = list(range(len(self.spec.organs))) if organs is None else list(organs)
-        levels = self.image_levels(image)
+        per_organ = self.spec.vision.mask_channel
+        levels = None if per_organ else self.image_levels(image)
         out = image.new_zeros(image.shape[0], len(organs), self.spec.embed_dim)
         valid = torch.zeros(image.shape[0], len(organs), dtype=torch.bool, device=image.device)
         for b in range(image.shape[0]):
@@ -224,7 +236,12 @@ class OrganVLP(nn.Module):
                 mask = label_map[b] == organ + 1
                 if not bool(mask.any()):
                     continue
-                out[b, k] = self.project_image(self.pool_organ(levels, b, organ, mask), organ)
+                if per_organ:
+                    lv = self.image_levels(image[b : b + 1], mask[None])
+                    pooled = self.pool_organ(lv, 0, organ, mask)
+                else:
+                    pooled = self.pool_organ(levels, b, organ, mask)
+                out[b, k] = self.project_image(pooled, organ)
                 valid[b, k] = True
         return out, valid
 

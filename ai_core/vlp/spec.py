@@ -44,6 +44,11 @@ class VisionSpec(_Frozen):
     # transformers see better"): channels of stride-2, kernel-2 conv + GELU layers; each halves
     # the resolution the patch embedding sees. Empty (fVLM): the patch embedding sees the voxels.
     stem: tuple[int, ...] = ()
+    # Give the encoder the organ it is asked about: the organ's mask, and each input window
+    # gated by it, as extra channels (the encoder then runs once per organ). Not in fVLM, whose
+    # encoder sees the image only; with coarse tokens it tells a stone inside the kidney from
+    # the rib beside it, which an encoder trained from scratch in minutes cannot learn otherwise.
+    mask_channel: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> VisionSpec:
@@ -62,7 +67,8 @@ class VisionSpec(_Frozen):
     @property
     def encoder_channels(self) -> int:
         """Channels the patch embedding sees."""
-        return len(self.input_windows) * self.in_channels if self.input_windows else self.in_channels
+        n = len(self.input_windows) * self.in_channels if self.input_windows else self.in_channels
+        return 2 * n + 1 if self.mask_channel else n
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -81,6 +87,10 @@ class PoolingSpec(_Frozen):
     # organ's typical look, common to every window, that otherwise hides the differences between
     # windows and slows training from scratch by orders of magnitude.
     batch_norm: bool = False
+    # Add the element-wise maximum over the organ's tokens (all levels) to the pooled feature.
+    # Not in fVLM; a small focal abnormality moves the maximum of a few tokens' features but
+    # hardly the attention average of hundreds, which an untrained query cannot yet focus.
+    token_max: bool = False
     # radclip_slice only: the 2D encoder applied to every slice along D.
     slice_patch: tuple[int, int] = (16, 16)
     max_slices: int = 64  # size of the learnable slice-position table
