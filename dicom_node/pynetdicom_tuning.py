@@ -18,6 +18,11 @@ The overrides below keep pynetdicom's logic and only change how it waits and rea
   handing it to the association thread and back for the response: two thread wake-ups fewer per
   image, each of which costs scheduling latency on a busy machine. Anything unusual (another
   service, an unknown context, a release under way) still goes through the queue;
+- a P-DATA-TF PDU is read into one buffer and its data values are views of it: pynetdicom
+  otherwise copies each 128 KiB fragment five times (concatenation, ``bytes()``, field slice,
+  item slice, control-byte slice) before the one copy into the message's data set;
+- pynetdicom's standard logging handlers, which format every PDU and DIMSE message for its INFO
+  and DEBUG log, are not bound when that log is off (a supported setting, ``LOG_HANDLER_LEVEL``);
 - DIMSE command sets (group 0000, always Implicit VR Little Endian, a handful of integers and
   strings) are encoded by a small direct encoder instead of ``pydicom.write_dataset``, which
   pynetdicom calls twice per message (once only to measure the group length); anything the
@@ -36,18 +41,23 @@ import logging
 import queue
 import select
 import socket
+import ssl
 import struct
 import threading
 import copy
 import time as _time
 
 import pynetdicom
+from pynetdicom import _config
 from pynetdicom import association as _association
 from pynetdicom import dimse as _dimse
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dsutils as _dsutils
 from pydicom.dataelem import DataElement
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom import dul as _dul
@@ -254,6 +264,62 @@ def _copy_contexts(value, memo=None):
     return copy.deepcopy(value, memo)
 
 
+def _wrap_read_pdu_data(original):
+    def _read_pdu_data(self) -> None:
+        sock = self.socket
+        raw = getattr(sock, "socket", None)
+        if raw is None or isinstance(raw, ssl.SSLSocket) or self.assoc.get_handlers(evt.EVT_DATA_RECV):
+            return original(self)  # TLS, or someone wants the raw bytes: pynetdicom's own path
+        try:
+            if raw.recv(1, socket.MSG_PEEK) != b"\x04":
+                return original(self)  # not P-DATA (or closed): pynetdicom reads and decodes it
+            header = sock.recv(6)
+        except (OSError, TimeoutError):
+            _dul.LOGGER.error("Connection closed before the entire PDU was received")
+            self.event_queue.put("Evt17")
+            return None
+        if len(header) != 6:
+            self.event_queue.put("Evt17")
+            return None
+        length = struct.unpack(">L", header[2:])[0]
+        try:
+            body = sock.recv(length)
+        except (OSError, TimeoutError):
+            _dul.LOGGER.error("Connection closed before the entire PDU was received")
+            self.event_queue.put("Evt17")
+            return None
+        if len(body) != length:
+            _dul.LOGGER.error(f"The received PDU is shorter than expected ({len(body) + 6} of "
+                              f"{length + 6} bytes received)")
+            self.event_queue.put("Evt17")
+            return None
+        pdu = P_DATA_TF()
+        view = memoryview(body)
+        offset = 0
+        while offset < length:
+            if offset + 5 > length:
+                break
+            item_length = int.from_bytes(body[offset:offset + 4], "big")
+            end = offset + 4 + item_length
+            if item_length < 1 or end > length:
+                break
+            item = PresentationDataValueItem()
+            item.presentation_context_id = body[offset + 4]
+            item.presentation_data_value = view[offset + 5:end]
+            pdu.presentation_data_value_items.append(item)
+            offset = end
+        if offset != length:
+            _dul.LOGGER.error("Unable to decode the received PDU data")
+            self.event_queue.put("Evt19")
+            return None
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        self.event_queue.put("Evt10")
+        self._recv_pdu.put(pdu)
+        return None
+
+    return _read_pdu_data
+
+
 def _wrap_run_reactor(original):
     def run_reactor(self) -> None:
         self._ctvlp_wake_r, self._ctvlp_wake_w = socket.socketpair()
@@ -273,7 +339,8 @@ def _wrap_send_pdu(original):
     def send_pdu(self, primitive) -> None:
         original(self, primitive)
         wake = getattr(self, "_ctvlp_wake_w", None)
-        if wake is not None:
+        # the DUL thread itself (a C-STORE response) looks at its queue before it sleeps again
+        if wake is not None and threading.current_thread() is not self:
             try:
                 wake.send(b"\0")
             except OSError:  # buffer full (already poked) or closed: nothing to do
@@ -297,7 +364,10 @@ def apply() -> bool:
     _association.Association.__init__ = _wrap_association_init(_association.Association.__init__)
     _dimse.DIMSEServiceProvider.get_msg = _wrap_get_msg(_dimse.DIMSEServiceProvider.get_msg)
     _transport.AssociationSocket.recv = _recv
+    _dul.DULServiceProvider._read_pdu_data = _wrap_read_pdu_data(_dul.DULServiceProvider._read_pdu_data)
     _dimse_messages.encode = _fast_encode
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        _config.LOG_HANDLER_LEVEL = "none"
     _transport.deepcopy = _copy_contexts
     _dul.DULServiceProvider.run_reactor = _wrap_run_reactor(_dul.DULServiceProvider.run_reactor)
     _dul.DULServiceProvider.send_pdu = _wrap_send_pdu(_dul.DULServiceProvider.send_pdu)

@@ -141,3 +141,48 @@ def test_command_sets_encode_exactly_as_pydicom_does():
     unusual.OffendingElement = [0x00100010]  # AT: left to pydicom
     assert pynetdicom_tuning._encode_command(unusual) is None
     assert pynetdicom_tuning._fast_encode(unusual, True, True) == dsutils.encode(unusual, True, True)
+
+
+def test_pdata_read_gives_views_of_one_buffer_and_rejects_bad_items():
+    import socket as _socket
+
+    from pynetdicom import dul as _dul
+    from pynetdicom.pdu import P_DATA_TF
+
+    pynetdicom_tuning.apply()
+
+    class FakeDUL:
+        def __init__(self, raw: bytes):
+            import queue
+
+            self.a, self.b = _socket.socketpair()
+            self.b.sendall(raw)
+            self.socket = type("S", (), {"socket": self.a, "recv": pynetdicom_tuning._recv})()
+            self.socket.socket = self.a
+            self.event_queue, self._recv_pdu = queue.Queue(), queue.Queue()
+            self.assoc = type("A", (), {"get_handlers": lambda self, e: [], "is_acceptor": True})()
+
+    def pdv(cid: int, data: bytes) -> bytes:
+        return (len(data) + 1).to_bytes(4, "big") + bytes([cid]) + data
+
+    items = pdv(1, b"\x00" + b"x" * 70000) + pdv(3, b"\x02" + b"y" * 11)
+    good = FakeDUL(b"\x04\x00" + len(items).to_bytes(4, "big") + items)
+    _dul.DULServiceProvider._read_pdu_data(good)
+    assert good.event_queue.get_nowait() == "Evt10"
+    pdu = good._recv_pdu.get_nowait()
+    assert isinstance(pdu, P_DATA_TF)
+    values = [(i.presentation_context_id, bytes(i.presentation_data_value)) for i in pdu.presentation_data_value_items]
+    assert values == [(1, b"\x00" + b"x" * 70000), (3, b"\x02" + b"y" * 11)]
+    assert [i.presentation_data_value for i in pdu.presentation_data_value_items][0].obj is \
+        [i.presentation_data_value for i in pdu.presentation_data_value_items][1].obj  # one buffer
+    bad_items2 = (50).to_bytes(4, "big") + b"\x01\x00abc"  # an item longer than the PDU holds
+    bad2 = FakeDUL(b"\x04\x00" + len(bad_items2).to_bytes(4, "big") + bad_items2)
+    _dul.DULServiceProvider._read_pdu_data(bad2)
+    assert bad2.event_queue.get_nowait() == "Evt19" and bad2._recv_pdu.empty()
+    short = FakeDUL(b"\x04\x00\x00\x00\x01\x00" + b"ab")  # peer closes mid-PDU
+    short.b.close()
+    _dul.DULServiceProvider._read_pdu_data(short)
+    assert short.event_queue.get_nowait() == "Evt17"
+    for d in (good, bad2, short):
+        d.a.close()
+        d.b.close()
