@@ -21,6 +21,8 @@ The overrides below keep pynetdicom's logic and only change how it waits and rea
 - a P-DATA-TF PDU is read into one buffer and its data values are views of it: pynetdicom
   otherwise copies each 128 KiB fragment five times (concatenation, ``bytes()``, field slice,
   item slice, control-byte slice) before the one copy into the message's data set;
+- a P-DATA-TF PDU goes out with one ``sendmsg`` of its headers and data values instead of being
+  joined into new bytes twice (item, then PDU) before ``send``;
 - pynetdicom's standard logging handlers, which format every PDU and DIMSE message for its INFO
   and DEBUG log, are not bound when that log is off (a supported setting, ``LOG_HANDLER_LEVEL``);
 - DIMSE command sets (group 0000, always Implicit VR Little Endian, a handful of integers and
@@ -320,6 +322,39 @@ def _wrap_read_pdu_data(original):
     return _read_pdu_data
 
 
+def _wrap_send(original):
+    def _send(self, pdu) -> None:
+        sock = self.socket
+        raw = getattr(sock, "socket", None)
+        if (type(pdu) is not P_DATA_TF or raw is None or isinstance(raw, ssl.SSLSocket)
+                or self.assoc.get_handlers(evt.EVT_DATA_SENT)):
+            return original(self, pdu)
+        parts = []
+        length = 0
+        for item in pdu.presentation_data_value_items:
+            value = item.presentation_data_value
+            parts.append(struct.pack(">LB", len(value) + 1, item.presentation_context_id))
+            parts.append(value)
+            length += 5 + len(value)
+        parts.insert(0, struct.pack(">BBL", 0x04, 0x00, length))
+        views = [memoryview(p) for p in parts]
+        try:
+            while views:
+                n = raw.sendmsg(views)
+                while views and n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                if views:
+                    views[0] = views[0][n:]
+        except Exception:  # as AssociationSocket.send: the connection is gone
+            sock.event_queue.put("Evt17")
+            return None
+        evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
+        return None
+
+    return _send
+
+
 def _wrap_run_reactor(original):
     def run_reactor(self) -> None:
         self._ctvlp_wake_r, self._ctvlp_wake_w = socket.socketpair()
@@ -364,6 +399,7 @@ def apply() -> bool:
     _association.Association.__init__ = _wrap_association_init(_association.Association.__init__)
     _dimse.DIMSEServiceProvider.get_msg = _wrap_get_msg(_dimse.DIMSEServiceProvider.get_msg)
     _transport.AssociationSocket.recv = _recv
+    _dul.DULServiceProvider._send = _wrap_send(_dul.DULServiceProvider._send)
     _dul.DULServiceProvider._read_pdu_data = _wrap_read_pdu_data(_dul.DULServiceProvider._read_pdu_data)
     _dimse_messages.encode = _fast_encode
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):

@@ -29,8 +29,11 @@ def test_store_and_echo_both_ways_without_stalls_or_fd_leaks(tmp_path):
     files = make_ct_series(tmp_path / "ct", n_slices=40, rows=256, cols=256)
     received = []
 
+    pixels = {}
+
     def on_store(event):
         received.append(event.request.AffectedSOPInstanceUID)
+        pixels[event.request.AffectedSOPInstanceUID] = event.dataset.PixelData  # sent and read through views
         return 0x0000
 
     scp = AE(ae_title="SCP")
@@ -56,6 +59,9 @@ def test_store_and_echo_both_ways_without_stalls_or_fd_leaks(tmp_path):
             assert elapsed < 20
         time.sleep(0.5)
         assert len(received) == 120
+        for f in files:
+            ds = dcmread(f)
+            assert pixels[ds.SOPInstanceUID] == ds.PixelData
         assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
     finally:
         server.shutdown()
