@@ -61,10 +61,11 @@ def _contexts(items: list[Outgoing]) -> list:
             ts.append(it.transfer_syntax_uid)
     contexts = []
     for sop_class, syntaxes in wanted.items():
-        stored = [s for s in syntaxes if s not in UNCOMPRESSED]
-        for s in stored:
+        # one transfer syntax per context, so the peer's answer says exactly which it takes: the
+        # stored ones first, then the uncompressed fallbacks (an SCP choosing Implicit VR for a mixed
+        # context would otherwise force re-encoding of Explicit VR files)
+        for s in [*syntaxes, *[u for u in UNCOMPRESSED if u not in syntaxes]]:
             contexts.append(build_context(sop_class, [s]))
-        contexts.append(build_context(sop_class, UNCOMPRESSED))
     if len(contexts) > MAX_CONTEXTS:
         raise DeliveryError(f"{len(contexts)} presentation contexts needed; DICOM allows {MAX_CONTEXTS} "
                             "per association")

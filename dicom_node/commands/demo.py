@@ -80,7 +80,8 @@ def run(args) -> int:
         storescp = _start_storescp(dest, work / "pacs")
     try:
         print(f"generating phantom (seed {args.seed}) ...", flush=True)
-        case = generate_case(args.seed, balanced_index=0)
+        # 180 slices of 3 mm: every organ whole in the field of view, so every finding is evaluated
+        case = generate_case(args.seed, balanced_index=0, size=(256, 256, 180))
         truth_path = write_case(case, work / "phantom")
         truth = json.loads(truth_path.read_text())
         files = sorted((truth_path.parent / "series").glob("*.dcm"))
