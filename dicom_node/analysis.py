@@ -112,13 +112,15 @@ def run_analyze_job(job: Job, ctx: WorkerContext) -> dict:
     from ai_core.encode import encode_results
 
     device = f"{ctx.config.listeners[0].ae_title} ct-vlp-dicom-node"
+    analysis_timings = dict(result.timings)  # the encoder adds its own keys (and its own "encode")
     objects = encode_results(result, kinds=sorted(kinds), device_name=device, predecessor_sr=predecessor,
                              parallel=False)
+    timings = {**analysis_timings, "dicom_encode": result.timings.get("encode", 0.0)}
     stored = _store_objects(ctx, job, objects, digest, previous)
     _queue_deliveries(ctx, job, stored, results_to)
     present = [f"{f.organ}:{f.finding}" for f in result.findings if f.decision == "present"]
     return {"objects": stored, "refused": result.refused, "present": present,
-            "timings": {k: round(v, 3) for k, v in result.timings.items()}}
+            "timings": {k: round(v, 3) for k, v in timings.items()}}
 
 
 def _store_objects(ctx: WorkerContext, job: Job, objects: dict, digest: str, previous: list[Result]) -> dict:
