@@ -21,6 +21,10 @@ The overrides below keep pynetdicom's logic and only change how it waits and rea
 - a P-DATA-TF PDU is read into one buffer and its data values are views of it: pynetdicom
   otherwise copies each 128 KiB fragment five times (concatenation, ``bytes()``, field slice,
   item slice, control-byte slice) before the one copy into the message's data set;
+- a requestor's user thread sends its P-DATA-TF PDUs itself, under a per-connection send lock
+  that the DUL thread's sends take too, instead of queueing each 128 KiB fragment for the DUL
+  thread and waking it (five wake-ups per image). Only in the established state (Sta6, whose
+  P-DATA action sends and stays in Sta6), on plain TCP, from a thread other than the DUL's;
 - a P-DATA-TF PDU goes out with one ``sendmsg`` of its headers and data values instead of being
   joined into new bytes twice (item, then PDU) before ``send``;
 - pynetdicom's standard logging handlers, which format every PDU and DIMSE message for its INFO
@@ -59,6 +63,7 @@ from pydicom.dataelem import DataElement
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -184,6 +189,7 @@ def _wrap_association_init(original):
     def __init__(self, *args, **kwargs) -> None:
         original(self, *args, **kwargs)
         self.dimse.msg_queue = _MessageQueue(self)
+        self.dul._ctvlp_send_lock = threading.Lock()
         checkpoint = _Checkpoint()
         if self._reactor_checkpoint.is_set():
             checkpoint.set()
@@ -324,6 +330,13 @@ def _wrap_read_pdu_data(original):
 
 def _wrap_send(original):
     def _send(self, pdu) -> None:
+        lock = getattr(self, "_ctvlp_send_lock", None)
+        if lock is None:
+            return _send_unlocked(self, pdu)
+        with lock:
+            return _send_unlocked(self, pdu)
+
+    def _send_unlocked(self, pdu) -> None:
         sock = self.socket
         raw = getattr(sock, "socket", None)
         if (type(pdu) is not P_DATA_TF or raw is None or isinstance(raw, ssl.SSLSocket)
@@ -372,6 +385,12 @@ def _wrap_run_reactor(original):
 
 def _wrap_send_pdu(original):
     def send_pdu(self, primitive) -> None:
+        if (type(primitive) is P_DATA and not self.assoc.is_acceptor and threading.current_thread() is not self
+                and getattr(self, "_ctvlp_send_lock", None) is not None
+                and self.state_machine.current_state == "Sta6"
+                and not isinstance(getattr(self.socket, "socket", None), ssl.SSLSocket)):
+            self._send(P_DATA_TF(primitive))  # what DT_1 does on the DUL thread, under the send lock
+            return
         original(self, primitive)
         wake = getattr(self, "_ctvlp_wake_w", None)
         # the DUL thread itself (a C-STORE response) looks at its queue before it sleeps again

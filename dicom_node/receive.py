@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import socket
 import struct
-import sys
 import zlib
 from io import BytesIO
 from collections.abc import Callable
@@ -356,16 +355,9 @@ def log_association(event: evt.Event) -> None:
              requestor.ae_title.strip(), requestor.address)
 
 
-# How long a thread may hold the GIL while another waits (Python's default is 5 ms). A receive
-# thread coming back from writev/fsync or the socket otherwise waits up to that long behind the
-# indexer or another association's thread, on every image.
-GIL_SWITCH_INTERVAL = 0.0005
-
-
 def build_ae(config: Config) -> AE:
     """An AE configured with the storage SOP classes and transfer syntaxes the node accepts."""
     pynetdicom_tuning.apply()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     ae = AE()
     net = config.network
     ae.maximum_pdu_size = net.max_pdu

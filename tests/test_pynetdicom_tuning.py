@@ -192,3 +192,45 @@ def test_pdata_read_gives_views_of_one_buffer_and_rejects_bad_items():
     for d in (good, bad2, short):
         d.a.close()
         d.b.close()
+
+
+def test_requestor_sends_pdata_itself_in_order_under_the_send_lock(tmp_path):
+    """Many fragments per image from the user thread arrive whole and in order; others still queue."""
+    from pynetdicom import dul as _dul
+
+    pynetdicom_tuning.apply()
+    files = make_ct_series(tmp_path / "ct", n_slices=6, rows=256, cols=256)
+    got = {}
+
+    def on_store(event):
+        got[event.request.AffectedSOPInstanceUID] = event.dataset.PixelData
+        return 0x0000
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage)
+    scp.maximum_pdu_size = 16384  # 128 KiB of pixels -> 8+ fragments per image
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    direct = []
+    original = _dul.DULServiceProvider._send
+
+    def spy(self, pdu):
+        direct.append(pynetdicom_tuning.threading.current_thread() is not self)
+        return original(self, pdu)
+
+    try:
+        _dul.DULServiceProvider._send = spy
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+        assert assoc.is_established
+        assert isinstance(assoc.dul._ctvlp_send_lock, type(pynetdicom_tuning.threading.Lock()))
+        for f in files:
+            assert assoc.send_c_store(dcmread(f)).Status == 0
+        assoc.release()
+    finally:
+        _dul.DULServiceProvider._send = original
+        server.shutdown()
+    assert {dcmread(f).SOPInstanceUID: dcmread(f).PixelData for f in files} == got
+    assert sum(direct) >= 6 * 8  # the P-DATA went out from the user thread
+    assert not all(direct)  # association set-up and release still go through the DUL thread
