@@ -5,7 +5,10 @@ the node, to storescp and to Orthanc: once over one association, once as four co
 associations (four copies with distinct UIDs). Then exports the series from the node (its own
 SCU code) and from Orthanc (REST /modalities/.../store) to storescp.
 
-    python benchmarks/ingest.py [--slices 300] [--size 512]
+    python benchmarks/ingest.py [--slices 300] [--size 512] [--keep]
+
+Its working directory (~5 GB for 300 slices: sources, copies and what each peer stored) is removed
+at the end unless ``--keep`` is given.
 
 Prints images/s for each and, last, one line:
 ``ingest node/orthanc=R1 ingest4 node/orthanc=R2 node/storescp=R3 export node/orthanc=R4``.
@@ -15,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,6 +58,12 @@ def copies(src: list[Path], out: Path, n: int) -> list[list[Path]]:
     return result
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def send(port: int, aet: str, series: list[list[Path]]) -> float:
     """Send each series over its own concurrent storescu association; returns images/s."""
     binary = require_tool("storescu")
@@ -72,8 +82,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--keep", action="store_true", help="keep the working directory")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ctvlp-bench-"))
+    try:
+        return run(args, work)
+    finally:
+        if args.keep:
+            print(f"working directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    """Prepare the series, run every measure, print the table and the ratios."""
     src = make_ct_series(work / "src", n_slices=args.slices, rows=args.size, cols=args.size, seed=1)
     one = copies(src, work / "one", 3)  # one copy per target: every target receives new UIDs
     four = [copies(src, work / f"four{t}", 4) for t in range(3)]
@@ -81,16 +103,20 @@ def main() -> int:
     print(f"series: {n} slices {args.size}x{args.size}, {sum(f.stat().st_size for f in src) / 2**20:.0f} MB; "
           f"max PDU {MAX_PDU}")
     results: dict[str, float] = {}
+    cpu_ms: dict[str, float] = {}  # CPU time of the receiving process per image
     with StoreSCP(work / "scp", max_pdu=MAX_PDU) as scp, Orthanc(
             work / "orthanc", aet="ORTHANC", modalities={"SCP": (scp.aet, "127.0.0.1", scp.port)}) as orthanc, \
             NodeProcess(work / "node", stable_after=30, workers=0,
                         destinations={"scp": {"ae_title": scp.aet, "host": "127.0.0.1", "port": scp.port}}) as node:
-        for label, (port, aet) in {"node": (node.port, node.ae_title), "storescp": (scp.port, scp.aet),
-                                   "orthanc": (orthanc.dicom_port, orthanc.aet)}.items():
-            results[f"ingest1/{label}"] = send(port, aet, [one[["node", "storescp", "orthanc"].index(label)]])
-        for label, (port, aet) in {"node": (node.port, node.ae_title), "storescp": (scp.port, scp.aet),
-                                   "orthanc": (orthanc.dicom_port, orthanc.aet)}.items():
-            results[f"ingest4/{label}"] = send(port, aet, four[["node", "storescp", "orthanc"].index(label)])
+        targets = {"node": (node.port, node.ae_title, node.proc.pid), "storescp": (scp.port, scp.aet, scp.proc.pid),
+                   "orthanc": (orthanc.dicom_port, orthanc.aet, orthanc.proc.pid)}
+        for kind, data in (("ingest1", one), ("ingest4", four)):
+            for i, (label, (port, aet, pid)) in enumerate(targets.items()):
+                series = data[i] if kind == "ingest4" else [data[i]]
+                before = cpu_seconds(pid)
+                results[f"{kind}/{label}"] = send(port, aet, series)
+                time.sleep(0.6)  # the node's index batches land within 0.5 s: count them too
+                cpu_ms[f"{kind}/{label}"] = 1000 * (cpu_seconds(pid) - before) / sum(len(x) for x in series)
         assert len(node.files()) == 5 * n, f"node stored {len(node.files())} of {5 * n}"
 
         # export: node's SCU code path vs Orthanc's C-STORE SCU, both to storescp
@@ -104,27 +130,30 @@ def main() -> int:
         for p in stored:
             d = dcmread(p, stop_before_pixels=True)
             items.append(Outgoing(d.SOPInstanceUID, d.SOPClassUID, d.file_meta.TransferSyntaxUID, p))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = send_files(cfg.destinations["scp"], items, calling_ae="CTVLP")
         results["export/node"] = len(items) / (time.perf_counter() - t0)
+        cpu_ms["export/node"] = 1000 * (time.process_time() - c0) / len(items)
         assert all(o.ok for o in out.values())
 
         ds2 = dcmread(one[2][0], stop_before_pixels=True)
         oseries = orthanc.find_series(str(ds2.SeriesInstanceUID))
         req = urllib.request.Request(f"{orthanc.http_url}/modalities/SCP/store", method="POST",
                                      data=json.dumps({"Resources": [oseries["ID"]], "Synchronous": True}).encode())
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds(orthanc.proc.pid)
         with urllib.request.urlopen(req, timeout=600) as r:
             r.read()
         results["export/orthanc"] = n / (time.perf_counter() - t0)
+        cpu_ms["export/orthanc"] = 1000 * (cpu_seconds(orthanc.proc.pid) - c0) / n
 
-    print(f"{'measure':24} images/s")
+    print(f"{'measure':24} images/s  CPU ms/image (receiver; export: sender)")
     for k, v in results.items():
-        print(f"{k:24} {v:8.0f}")
+        print(f"{k:24} {v:8.0f}" + (f"  {cpu_ms[k]:6.2f}" if k in cpu_ms else ""))
     r1 = results["ingest1/node"] / results["ingest1/orthanc"]
     r2 = results["ingest4/node"] / results["ingest4/orthanc"]
     r3 = results["ingest1/node"] / results["ingest1/storescp"]
     r4 = results["export/node"] / results["export/orthanc"]
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     print(f"ingest node/orthanc={r1:.2f} ingest4 node/orthanc={r2:.2f} node/storescp={r3:.2f} export node/orthanc={r4:.2f}")
     return 0
 
