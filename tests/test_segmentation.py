@@ -221,7 +221,8 @@ def test_shipped_demo_bundle_segments_a_held_out_phantom():
     for organ, value in case.organ_labels.items():
         p, t = pred == seg.organ_labels[organ], truth == value
         dice[organ] = 2 * (p & t).sum() / (p.sum() + t.sum())
-    assert min(dice.values()) >= 0.6, dice
-    assert np.mean(list(dice.values())) >= 0.8, dice
+    # Gates a little under what the shipped model reaches on this case (0.77-0.98, mean 0.91).
+    assert min(dice.values()) >= 0.7, dice
+    assert np.mean(list(dice.values())) >= 0.85, dice
     for organ in ("liver", "lung_left", "lung_right", "heart"):
         assert dice[organ] >= 0.9, (organ, dice)
