@@ -314,6 +314,7 @@ class TrainConfig:
     warmup_steps: int = 20
     jitter: int = 3
     noise: float = 0.01  # std of Gaussian noise added to the 0..1 input during training
+    shift: int = 4  # random shift (voxels) and left-right mirroring of every window at every step
     weight_itc: float = 0.5
     weight_dictionary: float = 0.25
     weight_prompts: float = 1.0
@@ -386,18 +387,39 @@ def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str 
     )
 
 
-def forward_windows(model: OrganVLP, windows: Sequence[Window], noise: float = 0.0) -> torch.Tensor:
-    """Normalised organ embeddings (N, E) of windows, encoder run once per group of equal shapes."""
+def _augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    # A different small shift (and left-right mirror) of every window at every step, so the
+    # model cannot learn the cases by heart instead of the findings.
+    d = [int(v) for v in rng.integers(-shift, shift + 1, 3)]
+    image, mask = np.roll(image, d, axis=(1, 2, 3)), np.roll(mask, d, axis=(0, 1, 2))
+    if rng.random() < 0.5:
+        image, mask = image[:, :, :, ::-1], mask[:, :, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+def forward_windows(
+    model: OrganVLP, windows: Sequence[Window], noise: float = 0.0, shift: int = 0,
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor:
+    """Normalised organ embeddings (N, E) of windows, encoder run once per group of equal shapes.
+
+    ``noise`` and ``shift`` augment (training only): Gaussian noise on the 0..1 input, random
+    shifts up to ``shift`` voxels and left-right mirroring.
+    """
     device = model.text_proj.weight.device
+    rng = rng or np.random.default_rng()
     out: list[torch.Tensor | None] = [None] * len(windows)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, w in enumerate(windows):
         groups.setdefault(w.shape, []).append(i)
     for idx in groups.values():
-        image = torch.from_numpy(np.stack([windows[i].image for i in idx])).to(device=device, dtype=torch.float32)
+        pairs = [(windows[i].image, windows[i].mask()) for i in idx]
+        if shift > 0:
+            pairs = [_augment(im, m, rng, shift) for im, m in pairs]
+        image = torch.from_numpy(np.stack([im for im, _ in pairs])).to(device=device, dtype=torch.float32)
         if noise > 0:
             image = image + noise * torch.randn_like(image)
-        masks = [torch.from_numpy(windows[i].mask()).to(device) for i in idx]
+        masks = [torch.from_numpy(m).to(device) for _, m in pairs]
         levels = model.image_levels(image, torch.stack(masks) if model.spec.vision.mask_channel else None)
         for b, i in enumerate(idx):
             organ = model.spec.organ_index(windows[i].organ)
@@ -570,13 +592,14 @@ def train_vlp(
     model.train()
     while epoch < config.epochs:
         rng = random.Random(config.seed * 1000 + epoch)
+        np_rng = np.random.default_rng([config.seed, epoch])
         batches = _batches(train_windows, config.batch_cases, rng)
         bar = tqdm(batches, desc=f"vlp epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not config.progress)
         sums: dict[str, float] = {}
         for batch in bar:
             for g in optimizer.param_groups:
                 g["lr"] = config.lr * _lr_factor(step, total_steps, config.warmup_steps)
-            embeds = forward_windows(model, batch, noise=config.noise)
+            embeds = forward_windows(model, batch, noise=config.noise, shift=config.shift, rng=np_rng)
             loss = batch_loss(model, batch, embeds, bank, dictionary, config)
             optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
