@@ -148,6 +148,8 @@ def test_resent_instances_are_idempotent(tmp_path):
     with NodeProcess(tmp_path / "node", stable_after=0.5) as node:
         storescu(node.port, files)
         node.wait_for(lambda: node.status()["series"].get("discarded") == 1, what="complete")
+        for _ in range(15):  # status checks the listener with real associations: no slots held
+            assert node.status()["listeners"][0]["listening"]
         storescu(node.port, files)  # identical bytes again: no new rows, no re-opening
         time.sleep(1.5)
         st = node.status()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 from dicom_node.commands._common import add_config_argument, config_from, open_db
 
@@ -16,12 +15,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port), timeout=1):
-            return True
-    except OSError:
-        return False
+def _listening(ae_title: str, host: str, port: int) -> bool:
+    """True when a DICOM node answers on the port (an accepted or a rejected association both count).
+
+    A bare TCP connection would hold one of the node's association slots until its ACSE timeout;
+    a real A-ASSOCIATE is answered at once.
+    """
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="CTVLP_STATUS")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 3
+    assoc = ae.associate("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, ae_title=ae_title)
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return bool(assoc.is_rejected)
 
 
 def collect(config, factory=None) -> dict:
@@ -42,7 +52,7 @@ def collect(config, factory=None) -> dict:
         beat = s.get(Meta, "node_heartbeat")
     return {
         "listeners": [{"ae_title": l.ae_title, "host": l.host, "port": l.port,
-                       "listening": _listening(l.host, l.port)} for l in config.listeners],
+                       "listening": _listening(l.ae_title, l.host, l.port)} for l in config.listeners],
         "node": json.loads(beat.value) | {"age": age(beat.updated_at)} if beat else None,
         "series": series,
         "jobs": job_states,
