@@ -21,29 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pydicom import dcmread  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from ai_core.phantom.generator import generate_case, write_case  # noqa: E402
+from benchmarks.ingest import copies  # noqa: E402
 from storage.db import make_engine, session_factory  # noqa: E402
 from storage.models import AuditEvent, Delivery, Job, Result  # noqa: E402
 from tests.nodeproc import NodeProcess  # noqa: E402
 from tests.peers import Orthanc, storescu  # noqa: E402
-
-
-def _copy_with_new_uids(files: list[Path], out: Path) -> list[Path]:
-    out.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    result = []
-    for i, f in enumerate(files):
-        ds = dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        p = out / f"{i:04d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        result.append(p)
-    return result
 
 
 def _send(port: int, files: list[Path]) -> tuple[float, float]:
@@ -65,8 +50,7 @@ def main() -> int:
     case = generate_case(7, spacing=spacing, size=(args.size, args.size, args.slices))
     truth = write_case(case, work / "phantom")
     files = sorted((truth.parent / "series").glob("*.dcm"))
-    idle_copy = _copy_with_new_uids(files, work / "idle")
-    busy_copy = _copy_with_new_uids(files, work / "busy")
+    idle_copy, busy_copy = copies(files, work / "copies", 2)
 
     with Orthanc(work / "orthanc", aet="ORTHANC") as orthanc, NodeProcess(
             work / "node", stable_after=args.stable_after,
