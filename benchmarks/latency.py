@@ -56,7 +56,7 @@ def main() -> int:
             work / "node", stable_after=args.stable_after,
             destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port,
                                    "results": ["seg", "sr", "sc"]}},
-            rules=[{"name": "ct-ai", "match": {"Modality": "CT", "SeriesInstanceUID": case.series_uid},
+            rules=[{"name": "ct-ai", "match": {"Modality": "CT", "SeriesInstanceUID": str(case.series_uid)},
                     "analyze": "default", "results_to": ["pacs"]}],
             extra={"pipelines": {"default": {"device": "cpu"}}}) as node:
         idle_rate, _ = _send(node.port, idle_copy)  # not analysed (rule matches only the phantom series)
