@@ -59,13 +59,15 @@ def main() -> int:
             rules=[{"name": "ct-ai", "match": {"Modality": "CT", "SeriesInstanceUID": str(case.series_uid)},
                     "analyze": "default", "results_to": ["pacs"]}],
             extra={"pipelines": {"default": {"device": "cpu"}}}) as node:
-        idle_rate, _ = _send(node.port, idle_copy)  # not analysed (rule matches only the phantom series)
+        node.wait_for(lambda: "pipeline loaded" in node.log(), timeout=300, what="the worker's models to load")
         _, t_last = _send(node.port, files)
         node.wait_for(lambda: node.status()["jobs"].get("analyze/running"), timeout=600, interval=0.1,
                       what="the analysis to start")
         busy_rate, _ = _send(node.port, busy_copy)
         node.wait_for(lambda: node.status()["jobs"].get("forward/done"), timeout=1800, interval=0.5,
                       what="results delivered")
+        # idle: models loaded, no job; the copies are not analysed (the rule names the phantom series)
+        idle_rate, _ = _send(node.port, idle_copy)
         factory = session_factory(make_engine(f"sqlite:///{node.data_dir / 'node.sqlite'}"))
         with factory() as s:
             ev = {e.event: e.at for e in s.scalars(select(AuditEvent).where(

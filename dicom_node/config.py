@@ -145,6 +145,9 @@ class Workers(Strict):
     backoff_max: float = Field(300.0, gt=0)
     lease: float = Field(60.0, gt=0, description="seconds after which a silent running job is taken over")
     poll_interval: float = Field(0.5, gt=0)
+    # CPU threads one analysis may use (torch); on a small CPU host leave a core for receiving.
+    # 0: torch's default (all cores).
+    analysis_threads: int = Field(1, ge=0)
 
 
 class Storage(Strict):

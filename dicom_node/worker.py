@@ -75,9 +75,27 @@ class Worker:
             except Exception:
                 log.exception("heartbeat for job %d failed", job_id)
 
+    def preload(self) -> None:
+        """Load the pipelines the rules use now, so the first analysis does not wait for them."""
+        if self.kinds is not None and "analyze" not in self.kinds:
+            return
+        names = sorted({r.analyze for r in self.config.rules if r.analyze})
+        if names and self.config.workers.analysis_threads:
+            import torch
+
+            torch.set_num_threads(self.config.workers.analysis_threads)
+        for name in names:
+            try:
+                from dicom_node.analysis import _pipeline
+
+                _pipeline(self.ctx, name)
+            except Exception as exc:  # the analyze job reports it properly when it runs
+                log.error("pipeline %r could not be loaded at start: %s", name, exc)
+
     def run(self) -> None:
         """Loop until ``stop_event`` is set."""
         log.info("worker %s started", self.id)
+        self.preload()
         while not self.stop_event.is_set():
             try:
                 busy = self.run_once()
