@@ -166,6 +166,15 @@ class Orthanc:
             found = json.loads(r.read())
         return found[0] if found else None
 
+    def find_instance(self, sop_uid: str) -> str | None:
+        """Orthanc's ID of the instance with this SOP Instance UID, or None."""
+        req = urllib.request.Request(
+            self.http_url + "/tools/find", method="POST",
+            data=json.dumps({"Level": "Instance", "Query": {"SOPInstanceUID": sop_uid}}).encode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            found = json.loads(r.read())
+        return found[0] if found else None
+
     def study_series(self, study_uid: str) -> list[dict]:
         """Every series Orthanc holds in the study with this Study Instance UID."""
         req = urllib.request.Request(

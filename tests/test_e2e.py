@@ -141,3 +141,31 @@ def test_results_wait_for_orthanc_and_are_delivered_once_when_it_returns(tmp_pat
             by_mod = _series_by_kind(orthanc, truth["study_instance_uid"])
             assert [len(by_mod[m][0]["Instances"]) for m in ("SEG", "SR", "SC")] == [1, 1, 1]
             assert len(by_mod["SEG"]) == len(by_mod["SR"]) == 1  # nothing duplicated
+
+
+def test_a_grown_series_is_analysed_again_and_its_sr_supersedes_the_first(tmp_path):
+    from sqlalchemy import select
+
+    from storage.models import Result
+
+    truth, files = _phantom(tmp_path, seed=SEED + 3, findings=[("heart", "enlargement")])
+    with Orthanc(tmp_path / "orthanc", aet="ORTHANC") as orthanc, _node(tmp_path, orthanc.dicom_port) as node:
+        storescu(node.port, files[:-1], calling="CT_SCANNER")
+        node.wait_for(lambda: node.status()["jobs"].get("forward/done") == 1, timeout=900, interval=1,
+                      what="the first results delivered")
+        storescu(node.port, files[-1:], calling="CT_SCANNER")  # the series grows: re-opened
+        node.wait_for(lambda: node.status()["jobs"].get("forward/done") == 2, timeout=900, interval=1,
+                      what="the second results delivered")
+        with node._factory() as s:
+            rows = s.scalars(select(Result).order_by(Result.id)).all()
+        first = {r.kind: r for r in rows[:3]}
+        second = {r.kind: r for r in rows[3:]}
+        assert set(first) == set(second) == {"seg", "sr", "sc"}
+        assert all(r.superseded_by is not None for r in first.values())
+        assert all(r.superseded_by is None for r in second.values())
+        srs = _series_by_kind(orthanc, truth["study_instance_uid"])["SR"]
+        assert len(srs) == 2  # each analysis its own SR series, in the original study
+        new_sr = dcmread(io.BytesIO(orthanc.get_bytes(
+            f"/instances/{orthanc.find_instance(second['sr'].sop_instance_uid)}/file")))
+        pred = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert pred.ReferencedSOPInstanceUID == first["sr"].sop_instance_uid
