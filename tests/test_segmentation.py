@@ -135,10 +135,12 @@ def test_totalsegmentator_missing_weights_named(tmp_path, monkeypatch):
             make_segmenter("totalsegmentator", fast=False)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("totalsegmentator") is None, reason="TotalSegmentator not installed")
+# TotalSegmentator is an optional package with weights no test machine can download; CI has
+# neither, and covers the adapter through the label mapping and missing-weights tests above.
+# Sites that install it with its fast weights get this run as well.
+@pytest.mark.skipif(importlib.util.find_spec("totalsegmentator") is None or bool(missing_weights("fast")),
+                    reason="optional: TotalSegmentator and its fast weights are not installed locally")
 def test_totalsegmentator_runs_when_weights_are_installed(tmp_path):
-    if missing_weights("fast"):
-        pytest.skip("TotalSegmentator fast weights are not installed locally")
     vol, _ = phantom_volume(tmp_path)
     result = make_segmenter("totalsegmentator", fast=True).segment(vol)
     assert result.labels.GetSize() == vol.image.GetSize()
