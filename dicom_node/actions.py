@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -129,12 +128,3 @@ def analyze(job: Job, ctx: WorkerContext) -> dict:
     except ImportError as exc:  # the AI core is optional at this layer
         raise PermanentError(f"pipeline not installed: {exc}") from exc
     return analysis.run_analyze_job(job, ctx)
-
-
-def series_files(ctx: WorkerContext, series_uid: str) -> list[Path]:
-    """Paths of every stored instance of a series."""
-    with ctx.factory() as session:
-        series = session.scalar(select(Series).where(Series.series_instance_uid == series_uid))
-        if series is None:
-            raise PermanentError(f"series {series_uid} is not in the index")
-        return [ctx.store.path(i.path) for i in series.instances]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from io import BytesIO
-from pathlib import Path
 
 from pydicom import dcmread
 from sqlalchemy import select
@@ -165,12 +164,3 @@ def _queue_deliveries(ctx: WorkerContext, job: Job, objects: dict[str, str], res
                 jobs.enqueue(s, "forward", job.series_instance_uid, generation=job.generation,
                              params={"destination": name, "sop_instance_uids": wanted, "results_of": job.id},
                              max_attempts=wc.max_attempts)
-
-
-def result_files(ctx: WorkerContext, source_series_uid: str) -> list[Path]:
-    """Files of the current (not superseded) results of a source series."""
-    with ctx.factory() as s:
-        uids = s.scalars(select(Result.sop_instance_uid).where(Result.source_series_uid == source_series_uid,
-                                                               Result.superseded_by.is_(None))).all()
-        paths = s.scalars(select(Instance.path).where(Instance.sop_instance_uid.in_(uids))).all()
-    return [ctx.store.path(p) for p in paths]

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -307,12 +306,3 @@ class Postgres:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def http_ok(url: str) -> bool:
-    """True if GET url answers 2xx."""
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except (urllib.error.URLError, OSError):
-        return False
