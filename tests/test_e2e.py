@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from sqlalchemy import func, select
 
 from ai_core.encode.readback import read_sr_findings
 from ai_core.phantom.generator import generate_case, write_case
+from storage.models import Result
 from tests.nodeproc import NodeProcess
 from tests.peers import PEER_ENV, Orthanc, require_tool, storescu
 
@@ -124,7 +126,7 @@ def test_ct_study_analysed_and_results_in_orthanc_match_the_ground_truth(tmp_pat
                 assert got[pair].decision == ("present" if present else "absent"), (pair, got[pair])
 
 
-def test_results_wait_for_orthanc_and_are_delivered_once_when_it_returns(tmp_path):
+def test_results_wait_for_orthanc_are_delivered_once_and_a_resend_duplicates_nothing(tmp_path):
     truth, files = _phantom(tmp_path, seed=SEED + 2, findings=[("liver", "cyst")])
     orthanc = Orthanc(tmp_path / "orthanc", aet="ORTHANC")
     with _node(tmp_path, orthanc.dicom_port) as node:
@@ -142,12 +144,27 @@ def test_results_wait_for_orthanc_and_are_delivered_once_when_it_returns(tmp_pat
             assert [len(by_mod[m][0]["Instances"]) for m in ("SEG", "SR", "SC")] == [1, 1, 1]
             assert len(by_mod["SEG"]) == len(by_mod["SR"]) == 1  # nothing duplicated
 
+            # The modality sends the identical series again: acknowledged, but nothing new to do.
+            storescu(node.port, files, calling="CT_SCANNER")
+            time.sleep(2.0 + 3.0)  # stable_after, and a margin for a completion that must not come
+            assert node.status()["jobs"].get("analyze/done") == 1
+            assert len(node.jobs()) == 2
+            # Running the analysis again (`dicom-node retry` of the done job) finds the same
+            # instances and the same models, and sends the same result objects again: no new results.
+            analyze = next(j for j in node.jobs() if j.kind == "analyze")
+            node.cli("retry", str(analyze.id))
+            st = node.wait_for(lambda: (s := node.status())["jobs"].get("forward/done") == 2 and s, timeout=300,
+                               what="the re-run analysis and its delivery")
+            assert st["jobs"].get("analyze/done") == 1
+            assert next(j for j in node.jobs() if j.id == analyze.id).result.get("reused") is True
+            again = _series_by_kind(orthanc, truth["study_instance_uid"])
+            assert {m: [len(s["Instances"]) for s in again[m]] for m in ("SEG", "SR", "SC")} == \
+                {"SEG": [1], "SR": [1], "SC": [1]}
+            with node._factory() as s:
+                assert s.scalar(select(func.count()).select_from(Result)) == 3
+
 
 def test_a_grown_series_is_analysed_again_and_its_sr_supersedes_the_first(tmp_path):
-    from sqlalchemy import select
-
-    from storage.models import Result
-
     truth, files = _phantom(tmp_path, seed=SEED + 3, findings=[("heart", "enlargement")])
     with Orthanc(tmp_path / "orthanc", aet="ORTHANC") as orthanc, _node(tmp_path, orthanc.dicom_port) as node:
         storescu(node.port, files[:-1], calling="CT_SCANNER")
