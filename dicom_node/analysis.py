@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from io import BytesIO
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from sqlalchemy import select
@@ -20,6 +20,10 @@ from dicom_node import jobs
 from dicom_node.actions import PermanentError, WorkerContext
 from storage.index import InstanceRecord, index_instances
 from storage.models import Instance, Job, Result, Series
+
+if TYPE_CHECKING:  # the AI side is imported only by workers that analyse
+    from ai_core.encode.parallel import EncodedBytes
+    from storage.filestore import StoredFile
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +57,6 @@ def _digest(instances: list[Instance], model_label: str) -> str:
     for i in sorted(instances, key=lambda i: i.sop_instance_uid):
         h.update(f"{i.sop_instance_uid}:{i.size};".encode())
     return h.hexdigest()
-
-
-def _encode_to_bytes(ds) -> bytes:
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def run_analyze_job(job: Job, ctx: WorkerContext) -> dict:
@@ -108,39 +106,43 @@ def run_analyze_job(job: Job, ctx: WorkerContext) -> dict:
             inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == prev_sr.sop_instance_uid))
         if inst is not None:
             predecessor = dcmread(ctx.store.path(inst.path))
-    from ai_core.encode import encode_results
+    from ai_core.encode import encode_to_bytes
 
     device = f"{ctx.config.listeners[0].ae_title} ct-vlp-dicom-node"
     analysis_timings = dict(result.timings)  # the encoder adds its own keys (and its own "encode")
-    objects = encode_results(result, kinds=sorted(kinds), device_name=device, predecessor_sr=predecessor,
-                             parallel=False)
+    files: list[tuple[str, EncodedBytes, StoredFile]] = []
+
+    def keep(kind: str, encoded: EncodedBytes) -> None:
+        # each object goes to the file store as soon as it is ready; the SR (built in a forked
+        # child beside the SEG and SC) arrives as the bytes the child encoded
+        files.append((kind, encoded, ctx.store.write(encoded.study_uid, encoded.series_uid, encoded.sop_uid,
+                                                     encoded.data)))
+
+    encode_to_bytes(result, keep, kinds=sorted(kinds), device_name=device, predecessor_sr=predecessor)
     timings = {**analysis_timings, "dicom_encode": result.timings.get("encode", 0.0)}
-    stored = _store_objects(ctx, job, objects, digest, previous)
+    stored = _index_results(ctx, job, files, digest, previous)
     _queue_deliveries(ctx, job, stored, results_to)
     present = [f"{f.organ}:{f.finding}" for f in result.findings if f.decision == "present"]
     return {"objects": stored, "refused": result.refused, "present": present,
             "timings": {k: round(v, 3) for k, v in timings.items()}}
 
 
-def _store_objects(ctx: WorkerContext, job: Job, objects: dict, digest: str, previous: list[Result]) -> dict:
-    """Write result objects to the file store, index them, record Result rows, supersede the old ones."""
+def _index_results(ctx: WorkerContext, job: Job, files: list[tuple[str, EncodedBytes, StoredFile]], digest: str,
+                   previous: list[Result]) -> dict:
+    """Index stored result objects, record their Result rows, supersede the old ones."""
     records, uids = [], {}
-    for kind, ds in objects.items():
-        data = _encode_to_bytes(ds)
-        sf = ctx.store.write(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), data)
+    for kind, enc, sf in files:
         records.append(InstanceRecord(
-            study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
-            sop_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), relpath=sf.relpath, size=sf.size,
-            modality=str(ds.get("Modality", "")) or None, is_result=True,
-            source_series_uid=job.series_instance_uid))
-        uids[kind] = str(ds.SOPInstanceUID)
+            study_uid=enc.study_uid, series_uid=enc.series_uid, sop_uid=enc.sop_uid,
+            sop_class_uid=enc.sop_class_uid, transfer_syntax_uid=enc.transfer_syntax_uid, relpath=sf.relpath,
+            size=sf.size, modality=enc.modality, is_result=True, source_series_uid=job.series_instance_uid))
+        uids[kind] = enc.sop_uid
     index_instances(ctx.factory, records)
     with ctx.factory.begin() as s:
         new_rows = {}
-        for kind, ds in objects.items():
+        for kind, enc, _ in files:
             row = Result(job_id=job.id, source_series_uid=job.series_instance_uid, kind=kind,
-                         sop_instance_uid=uids[kind], series_instance_uid=str(ds.SeriesInstanceUID),
+                         sop_instance_uid=uids[kind], series_instance_uid=enc.series_uid,
                          source_digest=digest)
             s.add(row)
             new_rows[kind] = row

@@ -3,6 +3,7 @@
     encode_results(result, kinds=("seg", "sr", "sc")) -> {"seg": Segmentation, "sr": ..., "sc": ...}
     write_results(objects, out_dir) -> {"seg": Path, ...}
     encode_to_files(result, out_dir, kinds=...) -> {"seg": Path, ...}   # fastest: writes as it goes
+    encode_to_bytes(result, on_ready, kinds=...)   # each object's file bytes as soon as it is ready
 
 All three join the original study as new series (same Study Instance UID, new Series Instance
 UIDs, same Frame of Reference for the SEG). The SR references the SEG's segments, so asking for
@@ -26,7 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ai_core.encode.common import Device, LabelIndex, check_sources, read_headers
-from ai_core.encode.parallel import Forked
+from ai_core.encode.parallel import EncodedBytes, Forked
 from ai_core.result import AnalysisResult
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 KINDS = ("seg", "sr", "sc")
 
 # What a finished object is handed on as: a Dataset, or (SR from the child) its encoded bytes.
-Emit = Callable[[str, Dataset | None, bytes | None], None]
+Emit = Callable[[str, Dataset | None, EncodedBytes | None], None]
 
 
 def encode_results(
@@ -55,11 +56,33 @@ def encode_results(
     """
     out: dict[str, Dataset] = {}
 
-    def keep(kind: str, ds: Dataset | None, raw: bytes | None) -> None:
-        out[kind] = ds if ds is not None else pydicom.dcmread(io.BytesIO(raw))
+    def keep(kind: str, ds: Dataset | None, raw: EncodedBytes | None) -> None:
+        out[kind] = ds if ds is not None else pydicom.dcmread(io.BytesIO(raw.data))
 
     _encode(result, kinds, device_name, predecessor_sr, sources, parallel, keep)
     return out
+
+
+def encode_to_bytes(
+    result: AnalysisResult,
+    on_ready: Callable[[str, EncodedBytes], None],
+    *,
+    kinds: Iterable[str] = KINDS,
+    device_name: str = "ct-vlp-dicom-node",
+    predecessor_sr: Dataset | None = None,
+    sources: list[Dataset] | None = None,
+    parallel: bool = True,
+) -> None:
+    """Build the requested objects and call ``on_ready(kind, encoded)`` with each one's file bytes.
+
+    For a store that keeps DICOM files (the node): the SEG and SC are handed on while the SR is
+    still being built in the child, whose bytes arrive as it encoded them (never encoded twice).
+    """
+
+    def hand_on(kind: str, ds: Dataset | None, raw: EncodedBytes | None) -> None:
+        on_ready(kind, raw if raw is not None else EncodedBytes.of(ds))
+
+    _encode(result, kinds, device_name, predecessor_sr, sources, parallel, hand_on)
 
 
 def encode_to_files(
@@ -81,13 +104,11 @@ def encode_to_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
 
-    def write(kind: str, ds: Dataset | None, raw: bytes | None) -> None:
+    def write(kind: str, ds: Dataset | None, raw: EncodedBytes | None) -> None:
         if ds is not None:
             paths[kind] = _write_dataset(kind, ds, out_dir)
             return
-        uid = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True,
-                              specific_tags=["SOPInstanceUID"]).SOPInstanceUID
-        paths[kind] = _write_atomic(out_dir / f"{kind}_{uid}.dcm", lambda tmp: tmp.write_bytes(raw))
+        paths[kind] = _write_atomic(out_dir / f"{kind}_{raw.sop_uid}.dcm", lambda tmp: tmp.write_bytes(raw.data))
 
     t0 = time.perf_counter()
     _encode(result, kinds, device_name, predecessor_sr, sources, parallel, write)

@@ -14,6 +14,7 @@ import multiprocessing
 import pickle
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pydicom
@@ -26,12 +27,30 @@ class EncoderFailed(RuntimeError):
     """The encoder raised in the child process; the message carries its traceback."""
 
 
-def _child(conn, fn: Callable[..., Dataset], kwargs: dict[str, Any]) -> None:
-    try:
-        ds = fn(**kwargs)
+@dataclass(frozen=True)
+class EncodedBytes:
+    """A finished object as DICOM file bytes, with the identifiers a store files it under."""
+
+    data: bytes
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+
+    @classmethod
+    def of(cls, ds: Dataset) -> EncodedBytes:
+        """Encode ``ds`` in the DICOM file format."""
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
-        conn.send(("ok", buf.getvalue()))
+        return cls(buf.getvalue(), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                   str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), str(ds.get("Modality", "")) or None)
+
+
+def _child(conn, fn: Callable[..., Dataset], kwargs: dict[str, Any]) -> None:
+    try:
+        conn.send(("ok", EncodedBytes.of(fn(**kwargs))))
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
         try:
             payload = pickle.dumps(exc)
@@ -71,8 +90,8 @@ class Forked:
         except BaseException as exc:  # noqa: BLE001 - re-raised by result()
             self._error = exc
 
-    def outcome(self, timeout: float = 600.0) -> tuple[Dataset | None, bytes | None]:
-        """(Dataset, None) when it ran inline, (None, DICOM file bytes) from a child; or its error."""
+    def outcome(self, timeout: float = 600.0) -> tuple[Dataset | None, EncodedBytes | None]:
+        """(Dataset, None) when it ran inline, (None, its encoded bytes) from a child; or its error."""
         if self._proc is None:
             if self._error is not None:
                 raise self._error
@@ -100,4 +119,4 @@ class Forked:
     def result(self, timeout: float = 600.0) -> Dataset:
         """The Dataset (from a child: parsed lazily from its bytes), or the exception it raised."""
         ds, raw = self.outcome(timeout)
-        return ds if ds is not None else pydicom.dcmread(io.BytesIO(raw))
+        return ds if ds is not None else pydicom.dcmread(io.BytesIO(raw.data))
