@@ -101,6 +101,28 @@ ORGANS: dict[str, Organ] = {
     )
 }
 
+# Display colours (sRGB) of the segments, from 3D Slicer's GenericAnatomyColors table (the
+# colours Slicer and TotalSegmentator's DICOM SEG export use), so organs look as radiologists who
+# use those tools expect; without a Recommended Display CIELab Value viewers invent colours (and
+# OHIF warns).
+DISPLAY_RGB: dict[str, tuple[int, int, int]] = {
+    "liver": (221, 130, 101),
+    "spleen": (157, 108, 162),
+    "pancreas": (249, 180, 111),
+    "kidney_left": (185, 102, 83),
+    "kidney_right": (185, 102, 83),
+    "gallbladder": (139, 150, 98),
+    "stomach": (216, 132, 105),
+    "urinary_bladder": (222, 154, 132),
+    "adrenal_gland_left": (244, 214, 49),
+    "adrenal_gland_right": (244, 214, 49),
+    "lung_left": (197, 165, 145),
+    "lung_right": (197, 165, 145),
+    "heart": (206, 110, 84),
+    "aorta": (224, 97, 76),
+    "esophagus": (211, 171, 143),
+}
+
 _LUNGS = ("lung_left", "lung_right")
 
 FINDINGS: dict[str, FindingCode] = {

@@ -6,7 +6,7 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from ai_core import catalogue
-from ai_core.catalogue import FINDINGS, ORGANS, segmenter_label_groups
+from ai_core.catalogue import DISPLAY_RGB, FINDINGS, ORGANS, segmenter_label_groups
 
 CANONICAL_ORGANS = (
     "liver spleen pancreas kidney_left kidney_right gallbladder stomach urinary_bladder "
@@ -19,6 +19,7 @@ def test_keys_are_the_canonical_ones():
     assert list(ORGANS) == CANONICAL_ORGANS
     assert list(FINDINGS) == CANONICAL_FINDINGS
     assert all(o.key == k for k, o in ORGANS.items())
+    assert set(DISPLAY_RGB) == set(ORGANS)  # every segment gets its display colour
 
 
 def test_anatomy_codes_match_pydicoms_dicom_dictionary():

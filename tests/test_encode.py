@@ -13,7 +13,7 @@ import pydicom.config
 import pytest
 import SimpleITK as sitk
 
-from ai_core.catalogue import FINDINGS, ORGANS
+from ai_core.catalogue import DISPLAY_RGB, FINDINGS, ORGANS
 from ai_core.encode import encode_results, encode_to_files, write_results
 from ai_core.encode.sr import PRESENCE, PROBABILITY, UNITY, finding_probability_concept
 from ai_core.phantom.series import body_volume, orientation_direction, write_series
@@ -127,6 +127,9 @@ def test_seg_masks_round_trip_in_source_geometry(tmp_path, strict_reading, orien
             [(organ.laterality.value, "SCT")] if organ.laterality else [])
         assert desc.algorithm_identification[0].AlgorithmFamilyCodeSequence[0].CodeMeaning == \
             "Artificial Intelligence"
+        # the organ's own colour, as a viewer shows it (CIELab round trip within 1 of the sRGB)
+        rgb = hd.color.CIELabColor.from_dicom_value(desc.RecommendedDisplayCIELabValue).to_rgb()
+        assert np.abs(np.subtract(rgb, DISPLAY_RGB[organ.key])).max() <= 1
         organ_of_number[number] = organ.key
     assert sorted(organ_of_number.values()) == sorted(values)
     expected = np.zeros_like(labels)

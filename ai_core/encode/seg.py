@@ -20,7 +20,7 @@ import numpy as np
 import pydicom.uid
 from pydicom.dataset import Dataset
 
-from ai_core.catalogue import ORGANS
+from ai_core.catalogue import DISPLAY_RGB, ORGANS
 from ai_core.encode.common import (
     MANUFACTURER,
     Device,
@@ -83,6 +83,7 @@ def _segment_description(info: SegmentInfo, result: AnalysisResult) -> hd.seg.Se
         segmented_property_type=prop_type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(result.segmenter),
+        display_color=hd.color.CIELabColor.from_rgb(*DISPLAY_RGB[info.organ]),
     )
 
 
