@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from io import BytesIO
 import time
 
@@ -13,7 +14,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from ai_core.phantom.series import make_ct_series
 from dicom_node import pynetdicom_tuning
-from tests.peers import free_port
+from tests.peers import StoreSCP, free_port
 
 
 def test_applies_to_the_pinned_version_only(monkeypatch):
@@ -234,3 +235,29 @@ def test_requestor_sends_pdata_itself_in_order_under_the_send_lock(tmp_path):
     assert {dcmread(f).SOPInstanceUID: dcmread(f).PixelData for f in files} == got
     assert sum(direct) >= 6 * 8  # the P-DATA went out from the user thread
     assert not all(direct)  # association set-up and release still go through the DUL thread
+
+
+def test_user_thread_waits_for_the_reactor_pause_instead_of_polling(tmp_path, monkeypatch):
+    from dicom_node.send import Outgoing, send_files
+    from dicom_node.config import Destination
+
+    pynetdicom_tuning.apply()
+    files = make_ct_series(tmp_path / "ct", n_slices=60, rows=256, cols=256)
+    items = [Outgoing(d.SOPInstanceUID, d.SOPClassUID, d.file_meta.TransferSyntaxUID, f)
+             for f in files for d in [dcmread(f, stop_before_pixels=True)]]
+    polls = []
+    original = pynetdicom_tuning._AssociationTime.sleep
+
+    def counting_sleep(delay: float) -> None:
+        if delay == 0.0001:  # send_c_*(): `while not self._is_paused: time.sleep(0.0001)`
+            polls.append(threading.current_thread().name)
+        original(delay)
+
+    monkeypatch.setattr(pynetdicom_tuning._AssociationTime, "sleep", staticmethod(counting_sleep))
+    with StoreSCP(tmp_path / "scp", extra_args=["--ignore"]) as scp:
+        dest = Destination(ae_title=scp.aet, host="127.0.0.1", port=scp.port)
+        outcomes = send_files(dest, items, calling_ae="SCU")
+    assert all(o.ok for o in outcomes.values())
+    # every C-STORE pauses the reactor; the sender waits for it instead of polling (unpatched:
+    # about one 0.1 ms poll per image; a slow reactor may still cost a rare poll after 5 ms)
+    assert len(polls) < 5, f"{len(polls)} polls for {len(items)} images"
