@@ -418,7 +418,9 @@ class Pipeline:
                 logger.warning("series refused: %s", reason)
                 study, series = _uids_of(paths)
                 timings["total"] = time.perf_counter() - t0
-                return self.refused_result(reason, study, series, timings=timings)
+                files = [f for p in paths for f in (sorted(x for x in p.rglob("*") if x.is_file())
+                                                     if p.is_dir() else [p])]
+                return self.refused_result(reason, study, series, files, timings=timings)
             return self._analyze_volume(volume, timer, t0)
         finally:
             if bar is not None:

@@ -92,12 +92,11 @@ def run_analyze_job(job: Job, ctx: WorkerContext) -> dict:
                      job.series_instance_uid)
             return {"superseded": True, "objects": {}}
     if result.refused:
-        # nothing to encode against (no usable geometry); the job records why, visibly
+        # The job records why, visibly; the report and summary tell the radiologist too (below).
         log.warning("job %d: series %s cannot be analysed safely: %s", job.id, job.series_instance_uid,
                     result.refused)
         with ctx.factory.begin() as s:
             jobs.audit(s, "analysis_refused", job.series_instance_uid, job.id, reason=result.refused)
-        return {"refused": result.refused, "objects": {}}
     kinds = {"seg", "sr"} | {k for d in results_to for k in ctx.config.destinations[d].results}
     predecessor = None
     prev_sr = next((r for r in previous if r.kind == "sr"), None)
@@ -110,17 +109,24 @@ def run_analyze_job(job: Job, ctx: WorkerContext) -> dict:
 
     device = f"{ctx.config.listeners[0].ae_title} ct-vlp-dicom-node"
     analysis_timings = dict(result.timings)  # the encoder adds its own keys (and its own "encode")
-    files: list[tuple[str, EncodedBytes, StoredFile]] = []
+    written: list[tuple[str, EncodedBytes, StoredFile]] = []
 
     def keep(kind: str, encoded: EncodedBytes) -> None:
         # each object goes to the file store as soon as it is ready; the SR (built in a forked
         # child beside the SEG and SC) arrives as the bytes the child encoded
-        files.append((kind, encoded, ctx.store.write(encoded.study_uid, encoded.series_uid, encoded.sop_uid,
+        written.append((kind, encoded, ctx.store.write(encoded.study_uid, encoded.series_uid, encoded.sop_uid,
                                                      encoded.data)))
 
-    encode_to_bytes(result, keep, kinds=sorted(kinds), device_name=device, predecessor_sr=predecessor)
+    try:
+        encode_to_bytes(result, keep, kinds=sorted(kinds), device_name=device, predecessor_sr=predecessor)
+    except ValueError as exc:
+        if not result.refused:
+            raise
+        # e.g. images without positions: nothing a report could point into; the job says why
+        log.warning("job %d: no report for the refused series %s: %s", job.id, job.series_instance_uid, exc)
+        return {"refused": result.refused, "objects": {}}
     timings = {**analysis_timings, "dicom_encode": result.timings.get("encode", 0.0)}
-    stored = _index_results(ctx, job, files, digest, previous)
+    stored = _index_results(ctx, job, written, digest, previous)
     _queue_deliveries(ctx, job, stored, results_to)
     present = [f"{f.organ}:{f.finding}" for f in result.findings if f.decision == "present"]
     return {"objects": stored, "refused": result.refused, "present": present,

@@ -186,3 +186,26 @@ def test_a_grown_series_is_analysed_again_and_its_sr_supersedes_the_first(tmp_pa
             f"/instances/{orthanc.find_instance(second['sr'].sop_instance_uid)}/file")))
         pred = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
         assert pred.ReferencedSOPInstanceUID == first["sr"].sop_instance_uid
+
+
+def test_a_series_that_cannot_be_analysed_gets_a_report_saying_why(tmp_path):
+    case = generate_case(SEED + 4, findings=[], size=(128, 128, 40))
+    truth_path = write_case(case, tmp_path / "gap")
+    files = sorted((truth_path.parent / "series").glob("*.dcm"), key=lambda f: dcmread(f).InstanceNumber)
+    del files[len(files) // 2]  # a slice lost on the way: a gap in the volume
+    study_uid = json.loads(truth_path.read_text())["study_instance_uid"]
+    with Orthanc(tmp_path / "orthanc", aet="ORTHANC") as orthanc, _node(tmp_path, orthanc.dicom_port) as node:
+        storescu(node.port, files, calling="CT_SCANNER")
+        st = node.wait_for(lambda: (s := node.status())["jobs"].get("forward/done") == 1 and s, timeout=300,
+                           what="the refused series' report delivered")
+        assert st["jobs"].get("analyze/done") == 1 and st["deliveries"] == {"done": 2}
+        analyze = next(j for j in node.jobs() if j.kind == "analyze")
+        assert "gap" in analyze.result["refused"], analyze.result
+        by_kind = _series_by_kind(orthanc, study_uid)
+        assert sorted(by_kind) == ["SC", "SR"]  # no masks, no SEG
+        sr_id = by_kind["SR"][0]["Instances"][0]
+        sr = dcmread(io.BytesIO(orthanc.get_bytes(f"/instances/{sr_id}/file")))
+        assert "series not analysed" in sr.SeriesDescription
+        findings = read_sr_findings(sr)
+        assert findings and all(f.decision == "not evaluated" for f in findings)
+        assert all(analyze.result["refused"] in f.tracking_identifier for f in findings)

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from ai_core.catalogue import DISPLAY_RGB, FINDINGS, ORGANS
 from ai_core.encode import encode_results, encode_to_files, write_results
+from ai_core.encode.readback import read_sr_findings
 from ai_core.encode.sr import PRESENCE, PROBABILITY, UNITY, finding_probability_concept
 from ai_core.phantom.series import body_volume, orientation_direction, write_series
 from ai_core.result import AnalysisResult, FindingResult, ModelInfo, OrganResult
@@ -297,10 +298,33 @@ def test_errors_name_the_cause_also_from_the_forked_sr(tmp_path):
         encode_results(result)
     with pytest.raises(ValueError, match="unknown result kind"):
         encode_results(result, kinds=("seg", "pdf"))
-    result.findings.pop()
-    result.refused = "slices are not equally spaced"
-    with pytest.raises(ValueError, match="not equally spaced"):
-        encode_results(result)
+
+
+
+def test_a_refused_series_gets_a_report_and_summary_that_say_why(tmp_path):
+    volume = _phantom(tmp_path)
+    why = "series not analysed: slices are not equally spaced"
+    result = AnalysisResult(
+        study_instance_uid=volume.study_uid, series_instance_uid=volume.series_uid,
+        model=ModelInfo("demo-vlp", "0.1", "cafe", demo=True), segmenter=ModelInfo("demo-seg", "0.2", demo=True),
+        organs=[OrganResult(k, 0, "not evaluated", why) for k in ("liver", "kidney_left")],
+        findings=[FindingResult("liver", "lesion", "not evaluated", reason=why),
+                  FindingResult("kidney_left", "cyst", "not evaluated", reason=why)],
+        source_files=list(volume.files), labels=None, refused="slices are not equally spaced")
+    paths = encode_to_files(result, tmp_path / "out")
+    assert set(paths) == {"sr", "sc"}  # no masks, no SEG
+    for kind, path in paths.items():
+        assert _dciodvfy_errors(path) == [], f"dciodvfy errors in the {kind}"
+        assert "series not analysed" in pydicom.dcmread(path).SeriesDescription
+    findings = read_sr_findings(paths["sr"])
+    got = {(f.organ, f.finding): f.decision for f in findings}
+    assert got == {("liver", "lesion"): "not evaluated", ("kidney_left", "cyst"): "not evaluated"}
+    assert all("slices are not equally spaced" in f.tracking_identifier for f in findings)
+    # images without positions: nothing to point into, and the error says so
+    for ds in (sources := [pydicom.dcmread(f) for f in volume.files]):
+        del ds.ImagePositionPatient
+    with pytest.raises(ValueError, match="lack ImagePositionPatient"):
+        encode_results(result, sources=sources)
 
 
 def test_sr_alone_brings_its_seg_and_no_organ_means_no_seg(tmp_path):

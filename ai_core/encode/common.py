@@ -48,6 +48,8 @@ def is_demo(result: AnalysisResult) -> bool:
 def series_description(kind: str, result: AnalysisResult) -> str:
     """Series Description (max 64 chars) that says it is an AI result, and not for clinical use if demo."""
     base = {"seg": "AI organ segmentation", "sr": "AI findings report", "sc": "AI findings summary"}[kind]
+    if result.refused:
+        base = f"{base} - series not analysed"
     text = f"{base} - {NOT_FOR_CLINICAL_USE} (demo)" if is_demo(result) else base
     return text[:64]
 
@@ -103,9 +105,11 @@ def read_headers(paths: Sequence[Path]) -> list[Dataset]:
 
 
 def check_sources(result: AnalysisResult, sources: Sequence[Dataset]) -> None:
-    """Refuse sources that do not match the result (wrong series, wrong count, no geometry)."""
-    if result.refused:
-        raise ValueError(f"the series was refused ({result.refused}); there are no results to encode")
+    """Refuse sources that do not match the result (wrong series, wrong count, no geometry).
+
+    A refused series (``result.refused``) has no masks; its report and summary say why it was not
+    analysed, which needs its images to be one series with an orientation and positions.
+    """
     if not sources:
         raise ValueError("the result lists no source files; the encoders need the analysed images")
     if len({str(p) for p in result.source_files}) != len(result.source_files) or any(
@@ -122,6 +126,12 @@ def check_sources(result: AnalysisResult, sources: Sequence[Dataset]) -> None:
         if ds.SeriesInstanceUID != result.series_instance_uid:
             raise ValueError(f"source image {ds.SOPInstanceUID} belongs to series {ds.SeriesInstanceUID}, "
                              f"not the analysed series {result.series_instance_uid}")
+    if result.refused:
+        missing = sorted({k for ds in sources for k in ("ImageOrientationPatient", "ImagePositionPatient",
+                                                         "PixelSpacing", "FrameOfReferenceUID") if k not in ds})
+        if missing:
+            raise ValueError(f"the series was refused ({result.refused}) and its images lack "
+                             f"{', '.join(missing)}: no report can point into them")
     if result.labels is not None:
         rows, cols = result.labels.shape[1:]
         ds = sources[0]

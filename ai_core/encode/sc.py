@@ -126,13 +126,13 @@ def render_summary(result: AnalysisResult, sources: Sequence[Dataset], index: La
     finding_order = {k: i for i, k in enumerate(FINDINGS)}
     findings = sorted(result.findings, key=lambda f: (organ_order.get(f.organ, 99),
                                                       finding_order.get(f.finding, 99)))
-    locator = SliceLocator(sources)
+    locator = SliceLocator(sources) if not result.refused else None
     # Key organs: those with a present finding, the most probable first.
     best: dict[str, FindingResult] = {}
     for f in findings:
         if f.decision == "present" and (f.organ not in best or (f.probability or 0) > (best[f.organ].probability or 0)):
             best[f.organ] = f
-    key_organs = sorted(best, key=lambda k: -(best[k].probability or 0))[:MAX_PANELS]
+    key_organs = sorted(best, key=lambda k: -(best[k].probability or 0))[:MAX_PANELS] if locator else []
 
     panels: list[tuple[Image.Image, str]] = []
     for key in key_organs:
@@ -173,6 +173,8 @@ def render_summary(result: AnalysisResult, sources: Sequence[Dataset], index: La
     small, body = _font(13), _font(14)
     y0 = top + 8
     title = "AI findings summary" + ("" if panels else " — no finding present")
+    if result.refused:
+        title = _fit(f"Series not analysed: {result.refused}", _font(16), width - 20)
     draw.text((10, y0), title, font=_font(16), fill=TEXT)
     for i, (img, caption) in enumerate(panels):
         r, c = divmod(i, COLUMNS)
