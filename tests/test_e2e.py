@@ -22,9 +22,12 @@ from tests.peers import PEER_ENV, Orthanc, require_tool, storescu
 
 pytestmark = pytest.mark.slow
 
-# Findings that change a whole organ's size: what the demo models reliably decide (see
-# tests/test_pipeline.py). Every other finding must still be in the SR, with a decision.
-OBVIOUS = [("aorta", "enlargement"), ("spleen", "enlargement"), ("heart", "enlargement")]
+# Findings the demo models decide reliably end to end on this whole-body field of view (held-out
+# AUC 0.94-1.0 by `dicom-node evaluate`; the aorta's enlargement is not among them here: the training
+# phantoms' shorter field of view cuts the aorta, and the whole aorta's window is not what the
+# model learnt). Every other finding must still be in the SR, with a decision.
+OBVIOUS = [("spleen", "enlargement"), ("heart", "enlargement"), ("urinary_bladder", "calcification"),
+           ("liver", "steatosis"), ("lung_right", "emphysema")]
 SEED = 424242
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from ai_core.vlp.model import build_model
-from ai_core.vlp.pooling import organ_token_mask
+from ai_core.vlp.pooling import organ_core_mask, organ_token_mask
 from ai_core.vlp.spec import ModelSpec, PoolingSpec, TextSpec, VisionSpec, tiny_spec
 
 torch.set_num_threads(1)
@@ -231,3 +232,38 @@ def test_demo_options_mask_channel_token_max_batch_norm():
         assert torch.equal(before, model.pool_organ(levels, 0, 0, mask))
     # batch statistics in training, running statistics at inference
     assert model.vision_norms[0].running_var.shape == (32,)
+
+
+def test_focal_path_pools_only_the_organs_voxels():
+    base = tiny_spec()
+    spec = base.with_updates(
+        vision=base.vision.model_copy(update={"mask_channel": True, "focal": (4, 4)}),
+        pooling=base.pooling.model_copy(update={"token_max": True}),
+    )
+    torch.manual_seed(9)
+    model = build_model(spec).eval()
+    image, labels = _window(9)
+    mask = labels[0] == 1
+    with torch.no_grad():
+        levels = model.image_levels(image, mask[None])
+        assert tuple(levels.focal.shape) == (1, 4, 16, 16, 16)  # half the window's resolution
+        before = model.pool_organ(levels, 0, 0, mask)
+        inside = organ_token_mask(mask, (2, 2, 2)).reshape(16, 16, 16)
+        levels.focal[0][:, ~inside] = 100.0  # far above anything inside the organ
+        assert torch.equal(before, model.pool_organ(levels, 0, 0, mask))
+        levels.focal[0][:, inside] = 100.0
+        assert not torch.allclose(before, model.pool_organ(levels, 0, 0, mask))
+        # the minimum is taken over the organ's core only: its border blocks may be anything
+        core = organ_core_mask(mask, (2, 2, 2)).reshape(16, 16, 16)
+        assert core.any() and (inside & ~core).any() and not (core & ~inside).any()
+        levels.focal[0][:, inside & ~core] = -100.0
+        with_border = model.pool_organ(levels, 0, 0, mask)
+        levels.focal[0][:, inside & ~core] = 100.0
+        assert torch.equal(with_border, model.pool_organ(levels, 0, 0, mask))
+        # a bright spot inside the organ changes its embedding end to end
+        spot = image.clone()
+        spot[0, 0, 5, 6, 6] = 5.0
+        base_emb = model.encode_organs(image, labels, organs=[0])[0]
+        assert not torch.allclose(base_emb, model.encode_organs(spot, labels, organs=[0])[0])
+    with pytest.raises(ValueError, match="vision.focal needs an even"):
+        tiny_spec().with_updates(vision=base.vision.model_copy(update={"focal": (4,), "patch": (3, 3, 3)}))

@@ -352,7 +352,7 @@ def phantom_dictionary() -> dict[str, dict[str, list[str]]]:
     return out
 
 
-def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str = "1.0") -> ModelSpec:
+def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str = "1.1") -> ModelSpec:
     """The demo model: small ViT on 3 x 3 x 4.5 mm windows, frozen MiniLM text tower, phantom findings.
 
     Sizes were chosen for CPU training in minutes: windows of 144 x 144 x 192 mm (z, y, x; larger
@@ -375,7 +375,7 @@ def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str 
         embed_dim=128,
         vision=VisionSpec(
             window=(32, 48, 64), patch=(8, 8, 8), hidden=96, depth=3, heads=4, mlp_dim=192, taps=(0, 1),
-            stem=(16, 32), mask_channel=True,
+            stem=(16, 32), mask_channel=True, focal=(16, 16, 32),
             # lung parenchyma (emphysema), soft tissue (lesions, cysts, steatosis, fluid), calcium
             input_windows=((-1000.0, -700.0), (-150.0, 250.0), (200.0, 1000.0)),
         ),

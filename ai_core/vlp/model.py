@@ -24,6 +24,7 @@ from torch import nn
 from ai_core.vlp.pooling import (
     SlicePooling,
     mask_average_pool,
+    organ_core_mask,
     organ_token_mask,
     organ_token_weights,
     query_pool,
@@ -118,6 +119,12 @@ class VisionTransformer(ViT):
         return x, levels
 
 
+class Levels(list):
+    """The encoder's token levels, and the focal map (B, C, D/2, H/2, W/2) when the spec has one."""
+
+    focal: torch.Tensor | None = None
+
+
 class OrganVLP(nn.Module):
     """fVLM-style organ-level image-text model; see the module docstring."""
 
@@ -149,9 +156,17 @@ class OrganVLP(nn.Module):
             self.attention = nn.MultiheadAttention(v.hidden, p.heads, dropout=p.dropout, batch_first=True)
         if p.kind == "radclip_slice":
             self.slice_pooling = SlicePooling(v.hidden, p.heads, p.max_slices, p.dropout)
+        if v.focal:
+            if p.kind == "radclip_slice":
+                raise ValueError("vision.focal works with the 3D pooling heads, not radclip_slice")
+            layers: list[nn.Module] = [nn.Conv3d(v.encoder_channels, v.focal[0], kernel_size=2, stride=2)]
+            for c_in, c_out in zip(v.focal[:-1], v.focal[1:]):
+                layers += [nn.GELU(), nn.Conv3d(c_in, c_out, kernel_size=3, padding=1)]
+            self.focal_encoder = nn.Sequential(*layers)  # linear last layer: its minimum means something
+        pooled = v.hidden + (2 * v.focal[-1] if v.focal else 0)
         if p.batch_norm:
-            self.vision_norms = nn.ModuleList(nn.BatchNorm1d(v.hidden, affine=False) for _ in range(n_organs))
-        self.vision_projs = nn.ModuleList(nn.Linear(v.hidden, spec.embed_dim) for _ in range(n_organs))
+            self.vision_norms = nn.ModuleList(nn.BatchNorm1d(pooled, affine=False) for _ in range(n_organs))
+        self.vision_projs = nn.ModuleList(nn.Linear(pooled, spec.embed_dim) for _ in range(n_organs))
         for proj in (self.text_proj, *self.vision_projs):
             nn.init.zeros_(proj.bias)  # start without a shared offset that hides the content
         self._tokenizer = None
@@ -168,10 +183,11 @@ class OrganVLP(nn.Module):
         hu = image * (hi - lo) + lo
         return torch.cat([((hu - a) / (b - a)).clamp(0.0, 1.0) for a, b in windows], dim=1)
 
-    def image_levels(self, image: torch.Tensor, organ_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def image_levels(self, image: torch.Tensor, organ_mask: torch.Tensor | None = None) -> Levels:
         """Encoder outputs used as pooling keys: 3D heads (B, L, C) per level; RadCLIP [(B, D, C)].
 
-        With ``vision.mask_channel`` the encoder also needs the mask (B, D, H, W) of the organ asked about.
+        With ``vision.mask_channel`` the encoder also needs the mask (B, D, H, W) of the organ asked
+        about. With ``vision.focal`` the result also carries the focal map (B, C, D/2, H/2, W/2).
         """
         image = self.input_channels(image)
         if self.spec.vision.mask_channel:
@@ -182,24 +198,46 @@ class OrganVLP(nn.Module):
         if self.spec.pooling.kind == "radclip_slice":
             b, c, d, h, w = image.shape
             tokens, _ = self.visual_encoder(image.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w))
-            return [tokens.mean(1).reshape(b, d, -1)]
+            return Levels([tokens.mean(1).reshape(b, d, -1)])
         _, levels = self.visual_encoder(image)
-        return levels
+        out = Levels(levels)
+        if hasattr(self, "focal_encoder"):
+            out.focal = self.focal_encoder(image)
+        return out
 
-    def pool_organ(self, levels: list[torch.Tensor], b: int, organ: int, mask: torch.Tensor) -> torch.Tensor:
-        """Pooled (C,) feature of one organ (query index) of batch item ``b`` from its mask (D, H, W)."""
+    def pool_organ(self, levels: Levels, b: int, organ: int, mask: torch.Tensor) -> torch.Tensor:
+        """Pooled (C,) feature of one organ (query index) of batch item ``b`` from its mask (D, H, W).
+
+        With ``vision.focal``, C is the hidden size plus twice the focal path's last width.
+        """
         kind = self.spec.pooling.kind
         if kind == "fvlm_query":
             tokens = organ_token_mask(mask, self.spec.vision.patch)
             pooled = query_pool(self.query_tokens[organ], self.attention, [lv[b] for lv in levels], tokens)
             if self.spec.pooling.token_max:
                 pooled = pooled + torch.cat([lv[b][tokens] for lv in levels]).amax(0)
-            return pooled
+            return self._add_focal(pooled, levels, b, mask)
         if kind == "ctglip_mask_avg":
             weights = organ_token_weights(mask, self.spec.vision.patch)
-            return mask_average_pool([lv[b] for lv in levels], weights)
+            return self._add_focal(mask_average_pool([lv[b] for lv in levels], weights), levels, b, mask)
         present = mask.flatten(1).any(1)
         return self.slice_pooling(levels[0][b], present)
+
+    def _add_focal(self, pooled: torch.Tensor, levels: Levels, b: int, mask: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "focal_encoder"):
+            return pooled
+        if levels.focal is None:
+            raise ValueError("this model has a focal path (vision.focal): pass the levels image_levels returned")
+        fmap = levels.focal[b].flatten(1)  # (C, voxels at half resolution)
+        touched = organ_token_mask(mask, (2, 2, 2))
+        core = organ_core_mask(mask, (2, 2, 2))
+        if not bool(core.any()):  # an organ too thin to have a core: its whole extent
+            core = touched
+        # A bright spot (stone) raises a maximum anywhere in the organ; a dark one (cyst, lesion)
+        # lowers a minimum in its core, where the organ's own border (partial volume with the fat
+        # around it) cannot look like one. Their own channels, not added to the tokens' ones:
+        # standardised apart (batch_norm), a few voxels are not drowned by the whole organ's look.
+        return torch.cat([pooled, fmap[:, touched].amax(1), fmap[:, core].amin(1)])
 
     def project_image(self, pooled: torch.Tensor, organ: int) -> torch.Tensor:
         """Organ projection and L2 normalisation of pooled features (C,) or (N, C) of one organ."""

@@ -24,6 +24,12 @@ def organ_token_mask(mask: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor
     return pool(mask[None, None].float(), kernel_size=patch, stride=patch).flatten() > 0
 
 
+def organ_core_mask(mask: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    """Patches wholly inside an organ: ``min_pool(mask, kernel=stride=patch) > 0``, flattened (L,)."""
+    pool = F.max_pool3d if mask.dim() == 3 else F.max_pool2d
+    return pool(-(mask[None, None].float()), kernel_size=patch, stride=patch).flatten() < 0
+
+
 def organ_token_weights(mask: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
     """Fraction of each patch filled by an organ, flattened (L,)."""
     pool = F.avg_pool3d if mask.dim() == 3 else F.avg_pool2d

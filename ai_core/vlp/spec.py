@@ -49,9 +49,18 @@ class VisionSpec(_Frozen):
     # encoder sees the image only; with coarse tokens it tells a stone inside the kidney from
     # the rib beside it, which an encoder trained from scratch in minutes cannot learn otherwise.
     mask_channel: bool = False
+    # Optional focal path beside the ViT: channels of a small convolutional network at half the
+    # window's resolution (a stride-2, kernel-2 conv, then 3x3x3 convs with GELU between them)
+    # whose features are pooled by their maximum over the organ and their minimum over its core
+    # (the half-resolution voxels wholly inside it) and join the pooled token feature as extra
+    # channels. Not in fVLM; a stone of a few millimetres or a 1 cm cyst fills a tiny part of one
+    # 24-36 mm token of the demo model, and an organ-masked extreme of local features finds it.
+    focal: tuple[int, ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> VisionSpec:
+        if self.focal and any(p % 2 for p in self.patch):
+            raise ValueError(f"vision.focal needs an even vision.patch (windows are halved): {self.patch}")
         if any(p % (2 ** len(self.stem)) for p in self.patch):
             raise ValueError(f"vision.patch {self.patch} must be divisible by 2**len(vision.stem)")
         if any(lo >= hi for lo, hi in self.input_windows):
