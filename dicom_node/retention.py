@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import jobs
 from storage.filestore import FileStore
-from storage.models import Delivery, Instance, Job, Result, Series, utcnow
+from storage.models import Delivery, Job, Result, Series, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def apply_retention(factory: sessionmaker[Session], store: FileStore, *, receive
             s.execute(delete(Delivery).where(Delivery.sop_instance_uid.in_(sops)))
             s.execute(delete(Result).where(Result.sop_instance_uid.in_(sops)).execution_options(
                 synchronize_session=False))
-            s.execute(delete(Instance).where(Instance.series_id == series.id))
-            s.delete(series)
+            s.delete(series)  # and its instances (loaded above), by the relationship's cascade
             jobs.audit(s, "series_expired", uid, None, instances=len(paths), result=series.is_result)
         removed += 1
     if removed:
