@@ -13,6 +13,7 @@ Last line: ``latency_s=X stable_after_s=Y ingest_during_job/idle=R``.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -43,8 +44,20 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--stable-after", type=float, default=2.0)
+    ap.add_argument("--keep", action="store_true", help="keep the working directory (about 1 GB)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ctvlp-latency-"))
+    try:
+        return run(args, work)
+    finally:
+        if args.keep:
+            print(f"working directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    """Send the phantom, measure each stage, print the table and the last line."""
     spacing = (360 / args.size, 360 / args.size, 1.5)
     print(f"generating a {args.slices}-slice {args.size}x{args.size} phantom ...", flush=True)
     case = generate_case(7, spacing=spacing, size=(args.size, args.size, args.slices))
