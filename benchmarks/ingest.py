@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -33,6 +31,7 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from ai_core.phantom.series import make_ct_series  # noqa: E402
+from benchmarks.workdir import run_in_workdir  # noqa: E402
 from tests.nodeproc import NodeProcess  # noqa: E402
 from tests.peers import PEER_ENV, Orthanc, StoreSCP, require_tool  # noqa: E402
 
@@ -84,14 +83,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ctvlp-bench-"))
-    try:
-        return run(args, work)
-    finally:
-        if args.keep:
-            print(f"working directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    return run_in_workdir("ctvlp-bench-", args, run)
 
 
 def run(args: argparse.Namespace, work: Path) -> int:

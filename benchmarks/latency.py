@@ -13,9 +13,7 @@ Last line: ``latency_s=X stable_after_s=Y ingest_during_job/idle=R``.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +24,7 @@ from sqlalchemy import select  # noqa: E402
 
 from ai_core.phantom.generator import generate_case, write_case  # noqa: E402
 from benchmarks.ingest import copies  # noqa: E402
+from benchmarks.workdir import run_in_workdir  # noqa: E402
 from storage.db import make_engine, session_factory  # noqa: E402
 from storage.models import AuditEvent, Delivery, Job, Result  # noqa: E402
 from tests.nodeproc import NodeProcess  # noqa: E402
@@ -46,14 +45,7 @@ def main() -> int:
     ap.add_argument("--stable-after", type=float, default=2.0)
     ap.add_argument("--keep", action="store_true", help="keep the working directory (about 1 GB)")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ctvlp-latency-"))
-    try:
-        return run(args, work)
-    finally:
-        if args.keep:
-            print(f"working directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    return run_in_workdir("ctvlp-latency-", args, run)
 
 
 def run(args: argparse.Namespace, work: Path) -> int:
