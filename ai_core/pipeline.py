@@ -416,10 +416,10 @@ class Pipeline:
                     raise
                 reason = exc.__cause__.reason
                 logger.warning("series refused: %s", reason)
-                study, series = _uids_of(paths)
-                timings["total"] = time.perf_counter() - t0
                 files = [f for p in paths for f in (sorted(x for x in p.rglob("*") if x.is_file())
                                                      if p.is_dir() else [p])]
+                study, series = _uids_of(files)
+                timings["total"] = time.perf_counter() - t0
                 return self.refused_result(reason, study, series, files, timings=timings)
             return self._analyze_volume(volume, timer, t0)
         finally:
@@ -581,19 +581,17 @@ def _group_point(stats: Mapping[int, OrganStats], organ_labels: Mapping[str, int
     return tuple(round(float(v), 2) for v in c)
 
 
-def _uids_of(paths: Sequence[Path]) -> tuple[str, str]:
-    """Study and series UID of the first readable DICOM file, for a refused series' result."""
+def _uids_of(files: Sequence[Path]) -> tuple[str, str]:
+    """Study and series UID of the first readable DICOM file (of the first 20), for a refused series' result."""
     import pydicom
 
-    for p in paths:
-        candidates = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        for f in candidates[:20]:
-            try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
-            except Exception:  # noqa: BLE001 - any unreadable file: try the next
-                continue
-            if "SeriesInstanceUID" in ds:
-                return str(ds.get("StudyInstanceUID", "")), str(ds.SeriesInstanceUID)
+    for f in files[:20]:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+        except Exception:  # noqa: BLE001 - any unreadable file: try the next
+            continue
+        if "SeriesInstanceUID" in ds:
+            return str(ds.get("StudyInstanceUID", "")), str(ds.SeriesInstanceUID)
     return "", ""
 
 
