@@ -176,7 +176,12 @@ class _MessageQueue(queue.Queue):
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
         assoc = self.assoc
         context_id, msg = item
+        # is_established: the association thread sets it only after sending A-ASSOCIATE-AC and
+        # running the EVT_ACCEPTED handlers, so a first request can arrive before it; served now,
+        # pynetdicom's storage SCP would see "not established" and send no response at all. The
+        # queue holds such a request until the association thread's reactor serves it.
         if (type(msg) is C_STORE and assoc.is_acceptor and threading.current_thread() is assoc.dul
+                and assoc.is_established
                 and msg.is_valid_request and not assoc._sent_release and not assoc._kill
                 and context_id in assoc._accepted_cx
                 and uid_to_service_class(assoc._accepted_cx[context_id].abstract_syntax) is StorageServiceClass):

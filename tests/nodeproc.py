@@ -81,7 +81,10 @@ class NodeProcess:
     def __enter__(self) -> "NodeProcess":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and exc_type is not KeyboardInterrupt:
+            # the test failed inside the node's context: what the node said is the first thing to read
+            sys.stderr.write(f"--- node log (tail) ---\n{self.log()[-6000:]}\n")
         if self.proc is not None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)

@@ -261,3 +261,32 @@ def test_user_thread_waits_for_the_reactor_pause_instead_of_polling(tmp_path, mo
     # every C-STORE pauses the reactor; the sender waits for it instead of polling (unpatched:
     # about one 0.1 ms poll per image; a slow reactor may still cost a rare poll after 5 ms)
     assert len(polls) < 5, f"{len(polls)} polls for {len(items)} images"
+
+
+def test_store_arriving_before_the_acceptor_is_established_still_gets_its_response(tmp_path):
+    # CI saw it: the acceptor sends A-ASSOCIATE-AC, and before its association thread has set
+    # is_established (here: an EVT_ACCEPTED handler slowed down, as a busy CPU does) the first C-STORE
+    # arrives. Served at once on the DUL thread, pynetdicom's storage SCP saw "not established" and
+    # sent no response; the SCU waited until the network timeout aborted the association.
+    pynetdicom_tuning.apply()
+    files = make_ct_series(tmp_path / "ct", n_slices=2, rows=32, cols=32)
+    stored = []
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage)
+    port = free_port()
+    handlers = [(evt.EVT_ACCEPTED, lambda event: time.sleep(0.5)),
+                (evt.EVT_C_STORE, lambda event: stored.append(event.request.AffectedSOPInstanceUID) or 0x0000)]
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage)
+        ae.dimse_timeout = 5
+        assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+        assert assoc.is_established
+        statuses = [assoc.send_c_store(dcmread(f)) for f in files]
+        assert [getattr(s, "Status", None) for s in statuses] == [0, 0], "a C-STORE got no response"
+        assoc.release()
+        assert len(stored) == 2
+    finally:
+        server.shutdown()
