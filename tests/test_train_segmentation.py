@@ -82,3 +82,41 @@ def test_cli_trains_and_exports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "validation Dice per organ" in out and "bundle written" in out and "end-to-end Dice" in out
     assert (tmp_path / "b" / "models" / "model.pt").is_file()
+
+
+def test_fine_tuning_starts_from_a_bundle_and_refuses_another_network(tmp_path):
+    config = tiny(tmp_path, steps=1)
+    net, dice = train_segmentation(config, progress=False)
+    bundle = export_bundle(config, net, tmp_path / "bundle", dice=dice)
+    # lr 0: the fine-tuned network is exactly the bundle's, so its weights were the starting point
+    tuned, _ = train_segmentation(tiny(tmp_path / "ft", steps=1, lr=0.0, init_from=str(bundle),
+                                       balanced_findings=True), progress=False)
+    start = torch.load(bundle / "models" / "model.pt", weights_only=False)
+    for k, v in tuned.state_dict().items():
+        if v.dtype.is_floating_point and "running" not in k:  # batch-norm statistics move without lr
+            assert torch.equal(v, start[k]), k
+    with pytest.raises(ValueError, match="not for this network"):
+        train_segmentation(tiny(tmp_path / "other", channels=(4, 16), init_from=str(bundle)), progress=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        train_segmentation(tiny(tmp_path / "none", init_from=str(tmp_path / "nothing")), progress=False)
+
+
+def test_balanced_training_phantoms_are_the_balanced_set(monkeypatch):
+    import ai_core.phantom.generator as generator
+    from ai_core.phantom.findings import balanced_pairs
+    from ai_core.training.segmentation import make_case
+
+    placed = []
+
+    def spy(seed, **kw):
+        case = original(seed, **kw)
+        placed.append(sorted((o, f) for o, fs in case.truth().items() for f, v in fs.items() if v))
+        raise StopIteration  # the phantom is all this test needs
+
+    original = generator.generate_case
+    monkeypatch.setattr(generator, "generate_case", spy)
+    config = SegTrainConfig(work_dir="unused", balanced_findings=True, phantom_spacings=((8.0, 8.0, 8.0),))
+    for i in range(3):
+        with pytest.raises(StopIteration):
+            make_case(config, None, "train", i)
+    assert placed == [sorted(balanced_pairs(0, i)) for i in range(3)]

@@ -62,6 +62,13 @@ class SegTrainConfig:
     threads: int = 2
     phantom_spacings: tuple[tuple[float, float, float], ...] = TRAIN_SPACINGS  # generation grids
     organs: tuple[str, ...] = field(default_factory=tuple)  # default: every phantom organ
+    # Draw training and validation phantoms from balanced finding sets (each finding present in
+    # about a third of the cases, combinations included) instead of at random, so that the rarer
+    # appearances (a steatotic enlarged liver beside the kidney) are seen often enough.
+    balanced_findings: bool = False
+    # Start from these weights (a bundle directory or its models/model.pt) instead of at random:
+    # fine-tuning. Same network (channels, inputs, organs); a fresh optimizer and schedule.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         self.work_dir = Path(self.work_dir)
@@ -150,10 +157,15 @@ def make_case(config: SegTrainConfig, prep, split: str, index: int) -> TrainCase
     from ai_core.phantom.generator import generate_case
 
     rng = random.Random(f"{config.seed}:{split}:{index}")
-    seed = (config.seed * 1_000_003 + (0 if split == "train" else 500_000) + index) & 0x7FFFFFFF
+    base = (config.seed * 1_000_003 + (0 if split == "train" else 500_000)) & 0x7FFFFFFF
+    seed = (base + index) & 0x7FFFFFFF
     spacing = tuple(rng.choice(config.phantom_spacings))
     orientation = rng.choice(TRAIN_ORIENTATIONS)
-    case = generate_case(seed, spacing=spacing, orientation=orientation)
+    if config.balanced_findings:
+        # the balanced set of the split's seed; held_out_seeds (900_000 + i) are never such a set
+        case = generate_case(base, balanced_index=index, spacing=spacing, orientation=orientation)
+    else:
+        case = generate_case(seed, spacing=spacing, orientation=orientation)
     return to_network_grid(config, prep, case.image, case.labels, case.organ_labels)
 
 
@@ -234,7 +246,7 @@ def evaluate(network: torch.nn.Module, cases: Sequence[TrainCase], config: SegTr
 def load_or_make_cases(config: SegTrainConfig) -> tuple[list[TrainCase], list[TrainCase]]:
     """The training and validation phantoms, cached in the work directory (keyed by what shapes them)."""
     key = {k: config.to_json()[k] for k in ("seed", "train_cases", "val_cases", "spacing", "hu_ranges",
-                                            "phantom_spacings", "organs")}
+                                            "phantom_spacings", "organs", "balanced_findings")}
     path = config.work_dir / "cases.pt"
     if path.exists():
         cached = torch.load(path, weights_only=False)
@@ -293,6 +305,9 @@ def train_segmentation(
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         logger.info("resuming from step %d of %d", step, config.steps)
+    elif config.init_from:
+        network.load_state_dict(load_init_weights(config.init_from, network))
+        logger.info("starting from the weights in %s", config.init_from)
 
     t0 = time.perf_counter()
     train, val = load_or_make_cases(config)
@@ -356,6 +371,26 @@ def export_bundle(config: SegTrainConfig, network: torch.nn.Module, out_dir: Pat
                      "organs, not patients. Not for clinical use."),
         extra_metadata={"training": json.loads(json.dumps(training))},
     )
+
+
+def load_init_weights(path: str | Path, network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict at ``path`` (bundle directory, its model.pt, or a training checkpoint), checked against ``network``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "models" / "model.pt" if (path / "models" / "model.pt").exists() else path / CHECKPOINT
+    if not path.exists():
+        raise ValueError(f"--init: {path} does not exist; give a bundle directory, its models/model.pt "
+                         "or a training checkpoint.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state and "optimizer" in state:
+        state = state["model"]  # a training checkpoint
+    own = network.state_dict()
+    mismatched = sorted(k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape))
+    if mismatched or set(state) - set(own):
+        raise ValueError(f"--init: the weights in {path} are not for this network (differing: "
+                         f"{', '.join(mismatched[:3] or sorted(set(state) - set(own))[:3])}...); use the same "
+                         "--channels, --spacing inputs and organs as the model they come from")
+    return state
 
 
 def held_out_seeds(config: SegTrainConfig, n: int) -> list[int]:

@@ -41,6 +41,12 @@ def add_arguments(parser) -> None:
     seg.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     seg.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     seg.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    seg.add_argument("--init", default=None, metavar="BUNDLE",
+                     help="fine-tune: start from these weights (bundle directory, its models/model.pt or a "
+                          "checkpoint.pt) instead of random ones")
+    seg.add_argument("--balanced-findings", action="store_true",
+                     help="draw phantoms from balanced finding sets (every finding in about a third of them) "
+                          "instead of at random")
     seg.add_argument("--no-export", action="store_true", help="train only; do not write the bundle")
     seg.add_argument("--export-only", action="store_true",
                      help="do not train: export the checkpoint in --work-dir as it is")
@@ -97,7 +103,8 @@ def _run_segmentation(args) -> int:
         work_dir=Path(args.work_dir), seed=args.seed, train_cases=args.train_cases, val_cases=args.val_cases,
         steps=args.steps, batch_size=args.batch_size, patch=tuple(args.patch), lr=args.lr,
         spacing=tuple(args.spacing), channels=tuple(args.channels), checkpoint_every=args.checkpoint_every,
-        threads=args.threads,
+        threads=args.threads, balanced_findings=args.balanced_findings,
+        init_from=str(Path(args.init).resolve()) if args.init else None,
         **({"phantom_spacings": tuple(tuple(s) for s in args.phantom_spacing)} if args.phantom_spacing else {}),
     )
     logging.getLogger("ai_core").setLevel(logging.INFO)
