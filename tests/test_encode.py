@@ -366,3 +366,46 @@ def test_encoding_inside_a_daemonic_process_runs_inline(tmp_path):
     answer = queue.get(timeout=120)
     proc.join(30)
     assert answer == ["sc", "seg", "sr"]
+
+
+def test_lean_sr_construction_builds_the_same_document(tmp_path, monkeypatch):
+    import io
+    import itertools
+
+    from ai_core.encode import highdicom_tuning
+    from ai_core.encode.common import Device, LabelIndex, read_headers
+    from ai_core.encode.seg import plan_segments, seg_reference
+    from ai_core.encode.sr import build_sr
+
+    assert hd.__version__ == highdicom_tuning.WRITTEN_FOR, "pin highdicom in pyproject.toml"
+    volume = _phantom(tmp_path)
+    labels, values = _labels()
+    result = _result(volume, labels, values)
+    sources = read_headers(result.source_files)
+    index = LabelIndex(result.labels)
+    segments = plan_segments(result, index)
+    seg = seg_reference(result.study_instance_uid, "1.2.3.1", "1.2.3.2")
+    previous = encode_results(result, kinds=("sr",))["sr"]
+
+    def document(lean: bool) -> bytes:
+        counter = itertools.count(1)
+        monkeypatch.setattr(hd, "UID", lambda: f"2.25.{next(counter)}")  # tracking UIDs alike
+        ds = build_sr(result, sources, seg=seg, segments=segments, index=index, device=Device(name="n"),
+                      predecessor=previous, series_instance_uid="1.2.3.3", sop_instance_uid="1.2.3.4",
+                      lean=lean)
+        for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+            ds.pop(keyword, None)
+        for item in ds.get("ContributingEquipmentSequence", []):
+            item.pop("ContributionDateTime", None)
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    with highdicom_tuning.lean_sr_construction() as active:
+        assert active
+    assert document(lean=True) == document(lean=False)
+    # the evidence check is kept: a referenced instance missing from the evidence is an error
+    content = pydicom.dcmread(io.BytesIO(document(lean=True)))
+    with pytest.raises(ValueError, match="No evidence was provided"):
+        highdicom_tuning._collect_evidence(sources[:1], content, volume.study_uid)
+    assert highdicom_tuning.referenced_instance_uids(content) >= {"1.2.3.2"}  # the SEG, among others

@@ -65,6 +65,7 @@ from ai_core.encode.common import (
     series_number,
     software_versions,
 )
+from ai_core.encode.highdicom_tuning import lean_sr_construction
 from ai_core.encode.seg import SegmentInfo
 from ai_core.result import AnalysisResult, FindingResult, ModelInfo, OrganResult
 
@@ -170,11 +171,13 @@ def build_sr(
     predecessor: Dataset | None = None,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    lean: bool = True,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Comprehensive 3D SR with every (organ, finding) of the result.
 
     ``seg`` is the SEG built from the same result (its segments are referenced); ``predecessor``
-    is an earlier SR of the same series that this one supersedes.
+    is an earlier SR of the same series that this one supersedes. ``lean``: construct it through
+    ``highdicom_tuning`` (the same document, sooner).
     """
     device = device or Device()
     if not result.findings and not result.organs:
@@ -228,6 +231,14 @@ def build_sr(
     evidence = list(referenced.values()) or [sources[len(sources) // 2]]
     if seg is not None:
         evidence.append(seg)
+    with lean_sr_construction(lean):
+        return _document(result, sources, report, evidence, device, predecessor, series_instance_uid,
+                         sop_instance_uid)
+
+
+def _document(result: AnalysisResult, sources: Sequence[Dataset], report, evidence: list[Dataset],
+              device: Device, predecessor: Dataset | None, series_instance_uid: str | None,
+              sop_instance_uid: str | None) -> hd.sr.Comprehensive3DSR:
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
