@@ -267,3 +267,28 @@ def test_focal_path_pools_only_the_organs_voxels():
         assert not torch.allclose(base_emb, model.encode_organs(spot, labels, organs=[0])[0])
     with pytest.raises(ValueError, match="vision.focal needs an even"):
         tiny_spec().with_updates(vision=base.vision.model_copy(update={"focal": (4,), "patch": (3, 3, 3)}))
+
+
+def test_relative_channel_is_the_organs_contrast_to_its_own_median():
+    base = tiny_spec()
+    spec = base.with_updates(vision=base.vision.model_copy(update={"mask_channel": True, "relative_channel": True,
+                                                                   "focal": (4, 4)}))
+    model = build_model(spec).eval()
+    assert spec.vision.encoder_channels == 4  # image, image inside the organ, organ mask, contrast
+    assert model.focal_encoder[0].in_channels == 4
+    lo, hi = spec.preprocess.hu_window
+    image, labels = _window(3)
+    mask = labels == 1
+    organ_hu = torch.full_like(image, 40.0)
+    organ_hu[0, 0, 5, 6, 6] = 10.0  # a spot 30 HU darker than the organ
+    for shift in (0.0, -30.0):  # the whole organ 30 HU darker (a fatty liver): the same contrast
+        scaled = ((organ_hu + shift) - lo) / (hi - lo)
+        rel = model.relative_contrast(scaled, mask)
+        assert rel.shape == (1, 1, 32, 32, 32)
+        assert torch.allclose(rel[0, 0, 5, 6, 6], torch.tensor(-30.0 / spec.vision.relative_scale_hu))
+        assert float(rel[0, 0][mask[0]].abs().sum()) == pytest.approx(30.0 / spec.vision.relative_scale_hu, rel=1e-4)
+        assert not rel[0, 0][~mask[0]].any()  # zero outside the organ
+    with torch.no_grad():
+        assert model.encode_organs(image, labels)[0].shape == (1, 2, 16)
+    with pytest.raises(ValueError, match="needs vision.mask_channel"):
+        base.with_updates(vision=base.vision.model_copy(update={"relative_channel": True}))

@@ -117,3 +117,27 @@ def test_phantom_windows_follow_the_crop_stage():
         assert all(s >= m for s, m in zip(w.shape, spec.preprocess.min_window))
         assert w.mask().any()
         assert set(w.report.findings) == {f.key for f in spec.findings.get(w.organ, ())}
+
+
+def test_fine_tuning_adds_the_relative_channel_without_changing_the_model(tmp_path):
+    from ai_core.vlp.checkpoint import CheckpointError, init_from_checkpoint, save_checkpoint
+    from ai_core.vlp.model import build_model
+
+    base = tiny_spec()
+    old_spec = base.with_updates(vision=base.vision.model_copy(update={"mask_channel": True, "focal": (4, 4)}))
+    torch.manual_seed(0)
+    old = build_model(old_spec).eval()
+    path = save_checkpoint(tmp_path / "old.pt", old)
+    new_spec = old_spec.with_updates(vision=old_spec.vision.model_copy(update={"relative_channel": True}))
+    new = build_model(new_spec).eval()
+    widened = init_from_checkpoint(new, path)
+    assert widened  # the first convolutions of the encoder and the focal path
+    image = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.zeros(1, 32, 32, 32, dtype=torch.long)
+    labels[0, 4:20, 4:20, 4:20] = 1
+    image[0, 0, 8:12, 8:12, 8:12] = 0.2  # something for the new channel to see
+    with torch.no_grad():
+        assert torch.allclose(old.encode_organs(image, labels)[0], new.encode_organs(image, labels)[0], atol=1e-6)
+    other = build_model(base.with_updates(embed_dim=8))
+    with pytest.raises(CheckpointError, match="another architecture"):
+        init_from_checkpoint(other, path)

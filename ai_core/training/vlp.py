@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ai_core.vlp.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from ai_core.vlp.checkpoint import init_from_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from ai_core.vlp.model import OrganVLP, build_model
 from ai_core.vlp.spec import MINILM_PACKAGE, FindingSpec, ModelSpec, PoolingSpec, PreprocessSpec, TextSpec, VisionSpec
 
@@ -326,6 +326,7 @@ class TrainConfig:
     data_dir: Path | None = None  # a directory of cases instead of phantoms
     val_fraction: float = 0.2  # of the directory cases kept for calibration
     dictionary: dict[str, dict[str, list[str]]] | None = None  # organ -> {"normal"|finding: [texts]}
+    init_from: str | None = None  # fine-tune: start from this checkpoint's weights (see init_from_checkpoint)
 
     def to_json(self) -> dict:
         """JSON-serialisable form (stored in checkpoints)."""
@@ -556,7 +557,12 @@ def train_vlp(
         train_windows, val_windows = load_windows(spec, config)
     dictionary = config.dictionary if config.dictionary is not None else phantom_dictionary_if_phantoms(config)
 
-    model = build_model(spec).to(config.device)
+    model = build_model(spec)
+    if config.init_from and not (config.resume and ckpt_path.is_file()):
+        widened = init_from_checkpoint(model, config.init_from)
+        log.info("starting from the weights in %s%s", config.init_from,
+                 f" (new input channels in {', '.join(widened)})" if widened else "")
+    model = model.to(config.device)
     texts = {w.report.text for w in train_windows}
     texts |= {t for per in dictionary.values() for ts in per.values() for t in ts}
     texts |= {t for items in spec.findings.values() for f in items for t in (f.negative, f.positive)}
@@ -806,6 +812,12 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    parser.add_argument("--init", default=None, metavar="MODEL_PT",
+                        help="fine-tune: start from this model.pt instead of random weights (same architecture, "
+                             "or the same plus --relative-channel)")
+    parser.add_argument("--relative-channel", action="store_true",
+                        help="give the encoder the organ's contrast to its own median HU as one more input "
+                             "channel (vision.relative_channel)")
     parser.add_argument("--eval-cases", type=int, default=40,
                         help="fresh held-out phantoms scored after training (default 40; 0: none)")
     parser.add_argument("--eval-seed", type=int, default=3000, help="phantom set of the held-out cases")
@@ -820,6 +832,8 @@ def run_cli(args) -> int:
     logging.getLogger("ai_core").setLevel(logging.INFO)
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "models" / "demo_vlp"
     spec = phantom_demo_spec()
+    if args.relative_channel:
+        spec = spec.with_updates(version="1.2", vision={**spec.vision.model_dump(), "relative_channel": True})
     if args.pooling != spec.pooling.kind:
         spec = spec.with_updates(pooling={**spec.pooling.model_dump(), "kind": args.pooling})
     if min(args.train_cases, args.val_cases, args.epochs, args.batch_cases) < 1:
@@ -829,6 +843,7 @@ def run_cli(args) -> int:
         n_train=args.train_cases, n_val=args.val_cases, epochs=args.epochs, batch_cases=args.batch_cases,
         lr=args.lr, threads=args.threads, workers=args.workers, device=args.device, resume=not args.no_resume,
         data_dir=Path(args.data_dir) if args.data_dir else None,
+        init_from=str(Path(args.init).resolve()) if args.init else None,
     )
     t0 = time.perf_counter()
     model_path = train_vlp(spec, config)

@@ -174,6 +174,44 @@ def load_checkpoint(
     return model.to(device).eval(), payload
 
 
+def init_from_checkpoint(model: OrganVLP, path: str | Path) -> list[str]:
+    """Load an earlier model's weights into ``model`` to fine-tune it; returns the widened entries.
+
+    The spec may differ from the checkpoint's only by more encoder input channels (e.g.
+    ``vision.relative_channel`` added): the first convolutions get zero weights for the new
+    channels, so the model starts out computing exactly what the earlier one did.
+    """
+    payload = read_checkpoint(path)
+    old = ModelSpec.model_validate(payload["spec"])
+    new = model.spec
+    keys = ("organs", "embed_dim", "pooling", "text")
+    ignore = {"relative_channel", "relative_scale_hu"}
+    if (old.model_dump(include=set(keys)) != new.model_dump(include=set(keys))
+            or old.vision.model_dump(exclude=ignore) != new.vision.model_dump(exclude=ignore)):
+        raise CheckpointError(f"{path} is another architecture than the model to fine-tune; only input "
+                              "channels may be added (vision.relative_channel)")
+    state = dict(payload["state_dict"])
+    own = model.state_dict()
+    widened = []
+    extra = new.vision.encoder_channels - old.vision.encoder_channels
+    for k, v in state.items():
+        target = own.get(k)
+        if target is None or target.shape == v.shape:
+            continue
+        if extra > 0 and v.dim() >= 2 and v.shape[0] == target.shape[0] and v.shape[1] + extra == target.shape[1] \
+                and v.shape[2:] == target.shape[2:]:
+            state[k] = torch.cat([v, v.new_zeros((v.shape[0], extra, *v.shape[2:]))], dim=1)
+            widened.append(k)
+        else:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, the model {tuple(target.shape)}")
+    expected = own if _text_stored(new) else {k: v for k, v in own.items() if not k.startswith("text_encoder.")}
+    report = compare_state_dicts(expected, state)
+    if not report.ok:
+        raise CheckpointError(f"{path} does not fit the model to fine-tune: {report.describe()}")
+    model.load_state_dict(state, strict=False)
+    return widened
+
+
 def _check_same_architecture(a: ModelSpec, b: ModelSpec, path: str | Path) -> None:
     keys = ("organs", "embed_dim", "vision", "pooling", "text")
     da, db = a.model_dump(include=set(keys)), b.model_dump(include=set(keys))

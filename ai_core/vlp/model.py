@@ -183,18 +183,33 @@ class OrganVLP(nn.Module):
         hu = image * (hi - lo) + lo
         return torch.cat([((hu - a) / (b - a)).clamp(0.0, 1.0) for a, b in windows], dim=1)
 
+    def relative_contrast(self, image: torch.Tensor, organ_mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W): (HU - the organ's median HU) / relative_scale_hu in -1..1 inside the mask, 0 outside."""
+        lo, hi = self.spec.preprocess.hu_window
+        hu = image[:, 0] * (hi - lo) + lo
+        mask = organ_mask.bool()
+        out = torch.zeros_like(hu)
+        for b in range(hu.shape[0]):
+            if bool(mask[b].any()):
+                median = hu[b][mask[b]].median()
+                out[b] = ((hu[b] - median) / self.spec.vision.relative_scale_hu).clamp(-1.0, 1.0) * mask[b]
+        return out.unsqueeze(1)
+
     def image_levels(self, image: torch.Tensor, organ_mask: torch.Tensor | None = None) -> Levels:
         """Encoder outputs used as pooling keys: 3D heads (B, L, C) per level; RadCLIP [(B, D, C)].
 
         With ``vision.mask_channel`` the encoder also needs the mask (B, D, H, W) of the organ asked
         about. With ``vision.focal`` the result also carries the focal map (B, C, D/2, H/2, W/2).
         """
+        scaled = image
         image = self.input_channels(image)
         if self.spec.vision.mask_channel:
             if organ_mask is None:
                 raise ValueError("this model's encoder needs the organ mask (vision.mask_channel)")
             m = organ_mask.to(image.dtype).unsqueeze(1)
             image = torch.cat([image, image * m, m], dim=1)
+            if self.spec.vision.relative_channel:
+                image = torch.cat([image, self.relative_contrast(scaled, organ_mask)], dim=1)
         if self.spec.pooling.kind == "radclip_slice":
             b, c, d, h, w = image.shape
             tokens, _ = self.visual_encoder(image.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w))

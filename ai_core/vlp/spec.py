@@ -56,9 +56,18 @@ class VisionSpec(_Frozen):
     # channels. Not in fVLM; a stone of a few millimetres or a 1 cm cyst fills a tiny part of one
     # 24-36 mm token of the demo model, and an organ-masked extreme of local features finds it.
     focal: tuple[int, ...] = ()
+    # One more input channel: the organ's contrast to itself, (HU - the organ's median HU) /
+    # relative_scale_hu clipped to -1..1 inside the organ mask, 0 outside. A hypodense lesion is
+    # then dark against whatever the organ's own attenuation is, where the absolute windows
+    # confound it with a whole organ that is darker (a fatty liver is 20-40 HU below a normal
+    # one). Needs mask_channel. Not in fVLM.
+    relative_channel: bool = False
+    relative_scale_hu: float = Field(50.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> VisionSpec:
+        if self.relative_channel and not self.mask_channel:
+            raise ValueError("vision.relative_channel needs vision.mask_channel (the organ it is relative to)")
         if self.focal and any(p % 2 for p in self.patch):
             raise ValueError(f"vision.focal needs an even vision.patch (windows are halved): {self.patch}")
         if any(p % (2 ** len(self.stem)) for p in self.patch):
@@ -77,7 +86,7 @@ class VisionSpec(_Frozen):
     def encoder_channels(self) -> int:
         """Channels the patch embedding sees."""
         n = len(self.input_windows) * self.in_channels if self.input_windows else self.in_channels
-        return 2 * n + 1 if self.mask_channel else n
+        return (2 * n + 1 if self.mask_channel else n) + (1 if self.relative_channel else 0)
 
     @property
     def grid(self) -> tuple[int, int, int]:
