@@ -148,6 +148,10 @@ class Workers(Strict):
     # CPU threads one analysis may use (torch); on a small CPU host leave a core for receiving.
     # 0: torch's default (all cores).
     analysis_threads: int = Field(1, ge=0)
+    # Scheduling niceness of workers that may analyse: when the CPU is short, receiving (which the
+    # sender waits on for every acknowledgement) and delivery go first and the analysis slows,
+    # instead of the other way round. 0 leaves the workers at the node's own priority.
+    analysis_nice: int = Field(10, ge=0, le=19)
 
 
 class Storage(Strict):

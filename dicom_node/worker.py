@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -112,6 +113,8 @@ def worker_main(config: Config, log_level: int = logging.INFO, kinds: list[str] 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     # pynetdicom logs every DIMSE message at INFO; keep the worker's log about jobs
     logging.getLogger("pynetdicom").setLevel(max(log_level, logging.WARNING))
+    if config.workers.analysis_nice and (kinds is None or "analyze" in kinds):
+        os.nice(config.workers.analysis_nice)  # receiving first; see Workers.analysis_nice
     worker = Worker(config, kinds=kinds)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stop_event.set())

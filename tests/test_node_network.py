@@ -231,3 +231,30 @@ def test_disk_below_watermark_refuses_with_out_of_resources(tmp_path):
         assert node.files() == [] and node.temporaries() == []
         assert _echo_ok(node)
         assert "below the watermark" in node.log() or "watermark" in node.log()
+
+
+def _children(pid: int) -> list[tuple[str, int]]:
+    """(command line, niceness) of a process's direct children, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:  # after the name: state, ppid, ..., nice is field 19 of stat
+            out.append((cmdline, int(fields[16])))
+    return out
+
+
+def test_analysis_workers_yield_the_cpu_to_receiving(tmp_path):
+    # a PACS administrator's node keeps acknowledging images while an analysis runs: the analysis
+    # worker runs at a lower priority (workers.analysis_nice), the delivery worker does not
+    with NodeProcess(tmp_path / "node") as node:
+        workers = []
+        for _ in range(100):
+            workers = [nice for cmd, nice in _children(node.proc.pid) if "spawn_main" in cmd]
+            if len(workers) == 2 and 10 in workers:
+                break
+            time.sleep(0.1)
+        assert sorted(workers) == [0, 10], workers
