@@ -87,11 +87,15 @@ def test_cli_trains_and_exports(tmp_path, capsys):
 def test_fine_tuning_starts_from_a_bundle_and_refuses_another_network(tmp_path):
     config = tiny(tmp_path, steps=1)
     net, dice = train_segmentation(config, progress=False)
-    bundle = export_bundle(config, net, tmp_path / "bundle", dice=dice)
+    bundle = export_bundle(config, net, tmp_path / "bundle", dice=dice, command="test")
     # lr 0: the fine-tuned network is exactly the bundle's, so its weights were the starting point
     tuned, _ = train_segmentation(tiny(tmp_path / "ft", steps=1, lr=0.0, init_from=str(bundle),
                                        balanced_findings=True), progress=False)
     start = torch.load(bundle / "models" / "model.pt", weights_only=False)
+    tuned_bundle = export_bundle(tiny(tmp_path / "ft", init_from=str(bundle)), tuned, tmp_path / "tuned",
+                                 command="fine-tune")
+    lineage = json.loads((tuned_bundle / "configs" / "metadata.json").read_text())["training"]["initial_weights"]
+    assert lineage["path"] == str(bundle) and lineage["training"]["command"] == "test"
     for k, v in tuned.state_dict().items():
         if v.dtype.is_floating_point and "running" not in k:  # batch-norm statistics move without lr
             assert torch.equal(v, start[k]), k

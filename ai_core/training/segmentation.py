@@ -357,6 +357,8 @@ def export_bundle(config: SegTrainConfig, network: torch.nn.Module, out_dir: Pat
     training = {"config": config.to_json(), "validation_dice": dice or {}, "command": command}
     if seconds is not None:
         training["seconds"] = round(seconds, 1)
+    if config.init_from:
+        training["initial_weights"] = parent_training(config.init_from)
     return write_bundle(
         out_dir,
         network_def=config.network_def(),
@@ -391,6 +393,19 @@ def load_init_weights(path: str | Path, network: torch.nn.Module) -> dict[str, t
                          f"{', '.join(mismatched[:3] or sorted(set(state) - set(own))[:3])}...); use the same "
                          "--channels, --spacing inputs and organs as the model they come from")
     return state
+
+
+def parent_training(init_from: str | Path) -> dict:
+    """What a fine-tuned bundle started from: the path and, for a bundle, its own training record.
+
+    Kept in the new bundle's metadata, so the whole chain of commands that made it stays known.
+    """
+    path = Path(init_from)
+    meta = (path if path.is_dir() else path.parent.parent) / "configs" / "metadata.json"
+    record: dict = {"path": str(path)}
+    if meta.is_file():
+        record["training"] = json.loads(meta.read_text()).get("training", {})
+    return record
 
 
 def held_out_seeds(config: SegTrainConfig, n: int) -> list[int]:
