@@ -851,6 +851,11 @@ def run_cli(args) -> int:
     record = json.loads((config.out_dir / "training.json").read_text())
     record["command"] = " ".join(shlex.quote(a) for a in ["dicom-node", *sys.argv[1:]])
     record["wall_seconds"] = round(seconds, 1)
+    if config.init_from:
+        # the chain of runs that made a fine-tuned model stays known: keep its parent's record
+        parent = Path(config.init_from).with_name("training.json")
+        record["initial_weights"] = {"path": config.init_from,
+                                     **({"training": json.loads(parent.read_text())} if parent.is_file() else {})}
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path, out / "model.pt")
     final_spec = ModelSpec.model_validate(read_checkpoint(out / "model.pt")["spec"])
