@@ -818,6 +818,8 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--relative-channel", action="store_true",
                         help="give the encoder the organ's contrast to its own median HU as one more input "
                              "channel (vision.relative_channel)")
+    parser.add_argument("--model-version", default=None,
+                        help="version written into the model's spec (default: the demo spec's)")
     parser.add_argument("--eval-cases", type=int, default=40,
                         help="fresh held-out phantoms scored after training (default 40; 0: none)")
     parser.add_argument("--eval-seed", type=int, default=3000, help="phantom set of the held-out cases")
@@ -834,6 +836,8 @@ def run_cli(args) -> int:
     spec = phantom_demo_spec()
     if args.relative_channel:
         spec = spec.with_updates(version="1.2", vision={**spec.vision.model_dump(), "relative_channel": True})
+    if args.model_version:
+        spec = spec.with_updates(version=args.model_version)
     if args.pooling != spec.pooling.kind:
         spec = spec.with_updates(pooling={**spec.pooling.model_dump(), "kind": args.pooling})
     if min(args.train_cases, args.val_cases, args.epochs, args.batch_cases) < 1:
