@@ -141,3 +141,15 @@ def test_fine_tuning_adds_the_relative_channel_without_changing_the_model(tmp_pa
     other = build_model(base.with_updates(embed_dim=8))
     with pytest.raises(CheckpointError, match="another architecture"):
         init_from_checkpoint(other, path)
+
+
+def test_cli_names_a_missing_init_model_without_a_traceback(tmp_path, capsys):
+    from dicom_node.cli import main
+
+    rc = main(["train", "vlp", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "out"),
+               "--init", str(tmp_path / "missing.pt"), "--train-cases", "1", "--val-cases", "1", "--epochs", "1",
+               "--eval-cases", "0", "--workers", "1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint at" in err and "missing.pt" in err and "fix the path" in err
+    assert not list((tmp_path / "w").glob("windows-*"))  # it failed before making any phantom windows

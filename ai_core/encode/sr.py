@@ -232,31 +232,24 @@ def build_sr(
     if seg is not None:
         evidence.append(seg)
     with lean_sr_construction(lean):
-        return _document(result, sources, report, evidence, device, predecessor, series_instance_uid,
-                         sop_instance_uid)
-
-
-def _document(result: AnalysisResult, sources: Sequence[Dataset], report, evidence: list[Dataset],
-              device: Device, predecessor: Dataset | None, series_instance_uid: str | None,
-              sop_instance_uid: str | None) -> hd.sr.Comprehensive3DSR:
-    return hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=report,
-        series_instance_uid=series_instance_uid or hd.UID(),
-        series_number=series_number("sr", sources[0]),
-        sop_instance_uid=sop_instance_uid or hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=result.model.label[:64],
-        software_versions=software_versions(result),
-        device_serial_number=device.serial_number,
-        series_description=series_description("sr", result),
-        is_complete=True,
-        is_final=True,
-        is_verified=False,  # nobody has verified an AI result
-        previous_versions=[predecessor] if predecessor is not None else None,
-        coding_schemes=[PRIVATE_SCHEME_ITEM],
-    )
+        return hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=series_instance_uid or hd.UID(),
+            series_number=series_number("sr", sources[0]),
+            sop_instance_uid=sop_instance_uid or hd.UID(),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=result.model.label[:64],
+            software_versions=software_versions(result),
+            device_serial_number=device.serial_number,
+            series_description=series_description("sr", result),
+            is_complete=True,
+            is_final=True,
+            is_verified=False,  # nobody has verified an AI result
+            previous_versions=[predecessor] if predecessor is not None else None,
+            coding_schemes=[PRIVATE_SCHEME_ITEM],
+        )
 
 
 def _ordered_findings(result: AnalysisResult) -> list[FindingResult]:

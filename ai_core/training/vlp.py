@@ -353,8 +353,12 @@ def phantom_dictionary() -> dict[str, dict[str, list[str]]]:
     return out
 
 
-def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str = "1.1") -> ModelSpec:
+def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str | None = None,
+                      relative_channel: bool = False) -> ModelSpec:
     """The demo model: small ViT on 3 x 3 x 4.5 mm windows, frozen MiniLM text tower, phantom findings.
+
+    ``relative_channel``: with the organ-relative contrast channel, as the shipped demo 1.2 (the
+    version defaults to 1.2 with it, 1.1 without).
 
     Sizes were chosen for CPU training in minutes: windows of 144 x 144 x 192 mm (z, y, x; larger
     organs get larger windows and an interpolated position embedding), 24-36 mm tokens.
@@ -370,13 +374,13 @@ def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str 
     }
     return ModelSpec(
         name=name,
-        version=version,
+        version=version or ("1.2" if relative_channel else "1.1"),
         demo=True,
         organs=PHANTOM_ORGANS,
         embed_dim=128,
         vision=VisionSpec(
             window=(32, 48, 64), patch=(8, 8, 8), hidden=96, depth=3, heads=4, mlp_dim=192, taps=(0, 1),
-            stem=(16, 32), mask_channel=True, focal=(16, 16, 32),
+            stem=(16, 32), mask_channel=True, focal=(16, 16, 32), relative_channel=relative_channel,
             # lung parenchyma (emphysema), soft tissue (lesions, cysts, steatosis, fluid), calcium
             input_windows=((-1000.0, -700.0), (-150.0, 250.0), (200.0, 1000.0)),
         ),
@@ -553,16 +557,17 @@ def train_vlp(
     ckpt_path = out / "checkpoint.pt"
     t0 = time.perf_counter()
 
-    if train_windows is None or val_windows is None:
-        train_windows, val_windows = load_windows(spec, config)
-    dictionary = config.dictionary if config.dictionary is not None else phantom_dictionary_if_phantoms(config)
-
     model = build_model(spec)
     if config.init_from and not (config.resume and ckpt_path.is_file()):
+        # before the windows are made: a wrong --init fails in seconds, not after the phantoms
         widened = init_from_checkpoint(model, config.init_from)
         log.info("starting from the weights in %s%s", config.init_from,
                  f" (new input channels in {', '.join(widened)})" if widened else "")
     model = model.to(config.device)
+    if train_windows is None or val_windows is None:
+        train_windows, val_windows = load_windows(spec, config)
+    dictionary = config.dictionary if config.dictionary is not None else phantom_dictionary_if_phantoms(config)
+
     texts = {w.report.text for w in train_windows}
     texts |= {t for per in dictionary.values() for ts in per.values() for t in ts}
     texts |= {t for items in spec.findings.values() for f in items for t in (f.negative, f.positive)}
@@ -833,9 +838,7 @@ def run_cli(args) -> int:
 
     logging.getLogger("ai_core").setLevel(logging.INFO)
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "models" / "demo_vlp"
-    spec = phantom_demo_spec()
-    if args.relative_channel:
-        spec = spec.with_updates(version="1.2", vision={**spec.vision.model_dump(), "relative_channel": True})
+    spec = phantom_demo_spec(relative_channel=args.relative_channel)
     if args.model_version:
         spec = spec.with_updates(version=args.model_version)
     if args.pooling != spec.pooling.kind:

@@ -83,7 +83,10 @@ def _vlp_hook(kind: str, arg):
 
 
 def _run_vlp(args) -> int:
-    return _vlp_hook("run", args)
+    try:
+        return _vlp_hook("run", args)
+    except ValueError as exc:  # bad options, an --init that does not fit (CheckpointError): no traceback
+        raise UserError(str(exc)) from exc
 
 
 # -- segmentation --------------------------------------------------------------------------------
