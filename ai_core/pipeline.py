@@ -498,6 +498,7 @@ class Pipeline:
             findings=self._finding_rows(decisions),
             source_files=list(volume.files),
             labels=labels,
+            source_headers=getattr(volume, "headers", None),
             refused=None,
             timings=timings,
         )

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 Decision = Literal["present", "absent", "not evaluated"]
 OrganStatus = Literal["evaluated", "not evaluated"]
@@ -68,6 +71,8 @@ class AnalysisResult:
     # ``source_files[i]`` (shape: slices, rows, columns; uint8; 0 = background).
     source_files: list[Path] = field(default_factory=list)
     labels: np.ndarray | None = None
+    # Headers of ``source_files`` without pixel data, when the reader kept them (not serialised).
+    source_headers: list[Dataset] | None = field(default=None, repr=False, compare=False)
     refused: str | None = None  # the whole series could not be analysed safely: why
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,9 @@ class CTVolume:
     frame_of_reference_uid: str | None
     # Multi-frame (Enhanced CT): 1-based frame number of slice i in files[i]; None for single-frame.
     frame_numbers: list[int] | None = None
+    # Header of files[i] without its pixel data (single-frame series read from files): the result
+    # encoders reuse them instead of reading 300 files again. None when not kept.
+    headers: list[pydicom.Dataset] | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -113,8 +116,11 @@ def read_volume(
     study_uid, series_uid = str(ds0.StudyInstanceUID), str(ds0.SeriesInstanceUID)
     for_uid = str(ds0.get("FrameOfReferenceUID", "")) or None
     del ds0
-    hu = _decode_hu(planes, {src.path: src for src in sources})
-    del sources
+    multi = any(p.frame is not None for p in planes)
+    by_path = {src.path: src for src in sources}
+    headers = None if multi else [by_path[p.path].dataset for p in planes]
+    hu = _decode_hu(planes, by_path)
+    del sources, by_path
     first = planes[0]
     image = sitk.GetImageFromArray(hu)
     del hu
@@ -123,7 +129,6 @@ def read_volume(
     image.SetOrigin(tuple(float(v) for v in first.position))
     # SimpleITK direction: row-major 3x3 whose columns are the x, y, z axes in LPS.
     image.SetDirection(tuple(float(v) for v in np.column_stack([row_dir, col_dir, normal]).ravel()))
-    multi = any(p.frame is not None for p in planes)
     return CTVolume(
         image=image,
         files=[p.path for p in planes],
@@ -131,6 +136,7 @@ def read_volume(
         series_uid=series_uid,
         frame_of_reference_uid=for_uid,
         frame_numbers=[p.frame + 1 for p in planes] if multi else None,
+        headers=headers,
     )
 
 
@@ -395,7 +401,9 @@ def _decode_hu(planes: Sequence[_Slice], by_path: dict[Path, _Source]) -> np.nda
             np.multiply(pix, np.float32(p.slope), out=out[k], casting="unsafe")
             out[k] += np.float32(p.intercept)
         if p.frame is None:
-            by_path[p.path].dataset = None  # free the encoded pixel data as we go
+            # Free the encoded pixel data (and pydicom's decoded copy) as we go; the header stays.
+            del by_path[p.path].dataset.PixelData
+            by_path[p.path].dataset = None
     assert out is not None
     return out
 

@@ -89,6 +89,12 @@ def test_slice_i_is_file_i_and_matches_simpleitk(tmp_path):
         ds = pydicom.dcmread(f)
         hu = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
         np.testing.assert_array_equal(arr[i], hu)
+    # The kept headers (which the result encoders use instead of reading the files again) are
+    # the files' headers in slice order, without the pixel data.
+    assert len(vol.headers) == len(vol.files)
+    for f, header in zip(vol.files, vol.headers):
+        assert "PixelData" not in header
+        assert header == pydicom.dcmread(f, stop_before_pixels=True)
     # GDCM's own series reader (an independent implementation) agrees on grid and voxels.
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path)))
@@ -113,6 +119,7 @@ def test_multiframe_enhanced_ct(tmp_path):
     vol = read_volume(out)
     assert vol.files == [out] * 32
     assert sorted(vol.frame_numbers) == list(range(1, 33))
+    assert vol.headers is None  # the encoders do not take multi-frame sources
     assert_same_physical_volume(vol, ref)
 
 

@@ -10,8 +10,8 @@ UIDs, same Frame of Reference for the SEG). The SR references the SEG's segments
 "sr" also builds (and returns) the SEG. Each call makes new instances: a re-analysis passes the
 earlier SR as ``predecessor_sr`` and the new SR lists it in its Predecessor Documents Sequence.
 
-Speed: highdicom is pure Python (one core), so the SR, the slowest object, is built in a forked
-child while this process builds and writes the SEG and the SC (see ``parallel.py``).
+Speed: highdicom is pure Python (one core each), so the SR and the SC are built in forked
+children while this process builds and writes the SEG, the slowest object (see ``parallel.py``).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def encode_results(
     """Build the requested result objects; keys are the kinds built ("sr" brings "seg" along).
 
     ``sources``: headers of ``result.source_files`` if the caller has them (else they are read).
-    ``parallel``: build the SR in a forked child while this process builds the SEG and SC (the
-    SR then comes back as a plain pydicom Dataset read from its encoded bytes).
+    ``parallel``: build the SR and the SC in forked children while this process builds the SEG
+    (they then come back as plain pydicom Datasets read from their encoded bytes).
     Stage times (seconds) are added to ``result.timings`` under ``encode*`` keys.
     """
     out: dict[str, Dataset] = {}
@@ -75,8 +75,8 @@ def encode_to_bytes(
 ) -> None:
     """Build the requested objects and call ``on_ready(kind, encoded)`` with each one's file bytes.
 
-    For a store that keeps DICOM files (the node): the SEG and SC are handed on while the SR is
-    still being built in the child, whose bytes arrive as it encoded them (never encoded twice).
+    For a store that keeps DICOM files (the node): the SEG is handed on while the SR may still be
+    being built in its child; the children's bytes arrive as they encoded them (never encoded twice).
     """
 
     def hand_on(kind: str, ds: Dataset | None, raw: EncodedBytes | None) -> None:
@@ -97,8 +97,8 @@ def encode_to_files(
 ) -> dict[str, Path]:
     """Build the requested objects and write each as soon as it is ready (see ``write_results``).
 
-    The SEG and SC are written while the SR is still being built in the child, and the SR's
-    bytes go to disk as the child encoded them: the quickest way from a result to files.
+    The SEG is written while the SR and SC are built in their children, whose bytes go to disk as
+    the children encoded them: the quickest way from a result to files.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,8 @@ def _encode(result: AnalysisResult, kinds: Iterable[str], device_name: str, pred
     if "sr" in wanted:
         wanted.add("seg")
     t0 = time.perf_counter()
-    sources = sources if sources is not None else read_headers(result.source_files)
+    if sources is None:
+        sources = result.source_headers if result.source_headers is not None else read_headers(result.source_files)
     check_sources(result, sources)
     device = Device(name=device_name)
     index = LabelIndex(result.labels) if result.labels is not None else None
@@ -167,6 +168,10 @@ def _encode(result: AnalysisResult, kinds: Iterable[str], device_name: str, pred
     if "sr" in wanted:
         sr_job = Forked(build_sr, inline=not parallel, result=result, sources=sources, seg=seg_ref,
                         segments=segments, index=index, device=device, predecessor=predecessor_sr)
+    # The SC (matplotlib drawing, ~0.1 s) is also built beside the SEG, which is the critical path.
+    sc_job = None
+    if "sc" in wanted:
+        sc_job = Forked(build_sc, inline=not parallel, result=result, sources=sources, index=index, device=device)
     built = []
     if segments:
         seg = build_seg(result, sources, index=index, segments=segments, device=device,
@@ -174,8 +179,9 @@ def _encode(result: AnalysisResult, kinds: Iterable[str], device_name: str, pred
         emit("seg", seg, None)
         built.append("seg")
     t_seg = time.perf_counter()
-    if "sc" in wanted:
-        emit("sc", build_sc(result, sources, index=index, device=device), None)
+    if sc_job is not None:
+        ds, raw = sc_job.outcome()
+        emit("sc", ds, raw)
         built.append("sc")
     t_sc = time.perf_counter()
     if sr_job is not None:
