@@ -292,3 +292,37 @@ def test_relative_channel_is_the_organs_contrast_to_its_own_median():
         assert model.encode_organs(image, labels)[0].shape == (1, 2, 16)
     with pytest.raises(ValueError, match="needs vision.mask_channel"):
         base.with_updates(vision=base.vision.model_copy(update={"relative_channel": True}))
+
+
+def test_lesion_scale_channels_average_the_contrast_inside_the_organ_only():
+    base = tiny_spec()
+    spec = base.with_updates(vision=base.vision.model_copy(update={
+        "mask_channel": True, "relative_channel": True, "focal": (4, 4), "lesion_scales_mm": (4.0, 8.0)}))
+    model = build_model(spec).eval()
+    assert spec.vision.encoder_channels == 6  # image, inside, mask, contrast, two lesion scales
+    assert model.focal_encoder[0].in_channels == 6
+    mask = torch.zeros(1, 32, 32, 32, dtype=torch.bool)
+    mask[0, 4:28, 4:28, 4:28] = True
+    # A constant contrast stays that constant up to the organ's border (a normalised convolution:
+    # the fat outside does not darken the organ's rim), and is zero outside.
+    flat = torch.full((1, 1, 32, 32, 32), -0.4) * mask.unsqueeze(1)
+    smooth = model.lesion_scale_contrast(flat, mask)
+    assert smooth.shape == (1, 2, 32, 32, 32)
+    assert torch.allclose(smooth[:, :, mask[0]], torch.tensor(-0.4), atol=1e-5)
+    assert not smooth[:, :, ~mask[0]].any()
+    # Voxel noise falls; a lesion-sized dark blob stays: its centre is the darkest smoothed voxel.
+    noise = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.3 * mask.unsqueeze(1)
+    blob = noise.clone()
+    zz, yy, xx = torch.meshgrid(*(torch.arange(32.0),) * 3, indexing="ij")
+    # tiny_spec's voxels are 1 x 1 x 3 mm: a blob of 6 mm radius
+    sphere = (zz - 16) ** 2 / 2 ** 2 + (yy - 16) ** 2 / 6 ** 2 + (xx - 16) ** 2 / 6 ** 2 <= 1
+    blob[0, 0][sphere] -= 0.4
+    core = torch.zeros_like(mask[0])
+    core[8:24, 8:24, 8:24] = True  # away from the rim, where fewer voxels are averaged
+    for s_noise, s_blob in zip(model.lesion_scale_contrast(noise, mask)[0], model.lesion_scale_contrast(blob, mask)[0]):
+        assert float(s_noise[mask[0]].std()) < 0.4 * float(noise[0, 0][mask[0]].std())
+        darkest = torch.nonzero(torch.where(core, s_blob, torch.tensor(9.0)) == s_blob[core].min())[0]
+        assert (darkest - 16).abs().max() <= 1
+        assert float(s_blob[core].min()) < 3 * float(s_noise[core].min())  # far darker than any noise
+    with pytest.raises(ValueError, match="needs vision.relative_channel"):
+        base.with_updates(vision=base.vision.model_copy(update={"mask_channel": True, "lesion_scales_mm": (4.0,)}))

@@ -141,6 +141,18 @@ def test_fine_tuning_adds_the_relative_channel_without_changing_the_model(tmp_pa
     other = build_model(base.with_updates(embed_dim=8))
     with pytest.raises(CheckpointError, match="another architecture"):
         init_from_checkpoint(other, path)
+    # Lesion-scale channels go after the relative one, on a model that already has it.
+    rel_path = save_checkpoint(tmp_path / "rel.pt", new)
+    scaled = build_model(new_spec.with_updates(
+        vision=new_spec.vision.model_copy(update={"lesion_scales_mm": (4.0, 8.0)}))).eval()
+    assert init_from_checkpoint(scaled, rel_path)
+    with torch.no_grad():
+        assert torch.allclose(new.encode_organs(image, labels)[0], scaled.encode_organs(image, labels)[0], atol=1e-6)
+    # ... and a checkpoint whose channels the new model would drop or reorder is refused.
+    narrower = build_model(new_spec.with_updates(
+        vision=new_spec.vision.model_copy(update={"lesion_scales_mm": (8.0, 4.0, 2.0)})))
+    with pytest.raises(CheckpointError, match="drops, changes or reorders"):
+        init_from_checkpoint(narrower, save_checkpoint(tmp_path / "scaled.pt", scaled))
 
 
 def test_cli_names_a_missing_init_model_without_a_traceback(tmp_path, capsys):

@@ -354,11 +354,12 @@ def phantom_dictionary() -> dict[str, dict[str, list[str]]]:
 
 
 def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str | None = None,
-                      relative_channel: bool = False) -> ModelSpec:
+                      relative_channel: bool = False, lesion_scales_mm: Sequence[float] = ()) -> ModelSpec:
     """The demo model: small ViT on 3 x 3 x 4.5 mm windows, frozen MiniLM text tower, phantom findings.
 
-    ``relative_channel``: with the organ-relative contrast channel, as the shipped demo 1.2 (the
-    version defaults to 1.2 with it, 1.1 without).
+    ``relative_channel``: with the organ-relative contrast channel, as demo 1.2; ``lesion_scales_mm``:
+    with that contrast also averaged at these scales, as demo 1.3 (the version defaults to 1.3, 1.2
+    or 1.1 by the channels the spec has).
 
     Sizes were chosen for CPU training in minutes: windows of 144 x 144 x 192 mm (z, y, x; larger
     organs get larger windows and an interpolated position embedding), 24-36 mm tokens.
@@ -374,13 +375,14 @@ def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str 
     }
     return ModelSpec(
         name=name,
-        version=version or ("1.2" if relative_channel else "1.1"),
+        version=version or ("1.3" if lesion_scales_mm else "1.2" if relative_channel else "1.1"),
         demo=True,
         organs=PHANTOM_ORGANS,
         embed_dim=128,
         vision=VisionSpec(
             window=(32, 48, 64), patch=(8, 8, 8), hidden=96, depth=3, heads=4, mlp_dim=192, taps=(0, 1),
             stem=(16, 32), mask_channel=True, focal=(16, 16, 32), relative_channel=relative_channel,
+            lesion_scales_mm=tuple(float(v) for v in lesion_scales_mm),
             # lung parenchyma (emphysema), soft tissue (lesions, cysts, steatosis, fluid), calcium
             input_windows=((-1000.0, -700.0), (-150.0, 250.0), (200.0, 1000.0)),
         ),
@@ -823,6 +825,9 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--relative-channel", action="store_true",
                         help="give the encoder the organ's contrast to its own median HU as one more input "
                              "channel (vision.relative_channel)")
+    parser.add_argument("--lesion-scales", default="", metavar="MM[,MM...]",
+                        help="with --relative-channel: that contrast also averaged inside the organ with Gaussians "
+                             "of these sigmas in mm, one more channel each (vision.lesion_scales_mm; demo 1.3: 4,8)")
     parser.add_argument("--model-version", default=None,
                         help="version written into the model's spec (default: the demo spec's)")
     parser.add_argument("--eval-cases", type=int, default=40,
@@ -838,7 +843,12 @@ def run_cli(args) -> int:
 
     logging.getLogger("ai_core").setLevel(logging.INFO)
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "models" / "demo_vlp"
-    spec = phantom_demo_spec(relative_channel=args.relative_channel)
+    try:
+        scales = tuple(float(v) for v in args.lesion_scales.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--lesion-scales {args.lesion_scales!r}: give sigmas in mm separated by commas, "
+                         "e.g. 4,8") from None
+    spec = phantom_demo_spec(relative_channel=args.relative_channel, lesion_scales_mm=scales)
     if args.model_version:
         spec = spec.with_updates(version=args.model_version)
     if args.pooling != spec.pooling.kind:

@@ -14,6 +14,7 @@ Similarity = (image . text) / temp with ``temp`` used as stored.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,21 @@ from ai_core.vlp.pooling import (
 )
 from ai_core.vlp.spec import ModelSpec
 from ai_core.vlp.text import build_text_encoder, load_tokenizer, pool_text
+
+
+def gaussian_blur(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian smoothing of (B, C, D, H, W) along D, H, W (sigmas in voxels; zeros outside)."""
+    c = x.shape[1]
+    for axis, sigma in enumerate(sigmas):
+        r = max(1, math.ceil(3 * sigma))
+        t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = -1
+        pad = [0, 0, 0]
+        pad[axis] = r
+        x = F.conv3d(x, (k / k.sum()).reshape(shape).repeat(c, 1, 1, 1, 1), padding=tuple(pad), groups=c)
+    return x
 
 
 class VisionTransformer(ViT):
@@ -195,6 +211,18 @@ class OrganVLP(nn.Module):
                 out[b] = ((hu[b] - median) / self.spec.vision.relative_scale_hu).clamp(-1.0, 1.0) * mask[b]
         return out.unsqueeze(1)
 
+    def lesion_scale_contrast(self, relative: torch.Tensor, organ_mask: torch.Tensor) -> torch.Tensor:
+        """(B, S, D, H, W): the relative contrast (B, 1, D, H, W) averaged inside the organ at each lesion scale."""
+        m = organ_mask.to(relative.dtype).unsqueeze(1)
+        # preprocess.spacing_mm is (x, y, z); the window's axes are (D, H, W) = (z, y, x).
+        spacing = tuple(reversed(self.spec.preprocess.spacing_mm))
+        out = []
+        for sigma_mm in self.spec.vision.lesion_scales_mm:
+            sigmas = [sigma_mm / sp for sp in spacing]
+            both = gaussian_blur(torch.cat([relative * m, m], dim=1), sigmas)
+            out.append(both[:, :1] / both[:, 1:].clamp_min(1e-3) * m)
+        return torch.cat(out, dim=1)
+
     def image_levels(self, image: torch.Tensor, organ_mask: torch.Tensor | None = None) -> Levels:
         """Encoder outputs used as pooling keys: 3D heads (B, L, C) per level; RadCLIP [(B, D, C)].
 
@@ -209,7 +237,10 @@ class OrganVLP(nn.Module):
             m = organ_mask.to(image.dtype).unsqueeze(1)
             image = torch.cat([image, image * m, m], dim=1)
             if self.spec.vision.relative_channel:
-                image = torch.cat([image, self.relative_contrast(scaled, organ_mask)], dim=1)
+                relative = self.relative_contrast(scaled, organ_mask)
+                image = torch.cat([image, relative], dim=1)
+                if self.spec.vision.lesion_scales_mm:
+                    image = torch.cat([image, self.lesion_scale_contrast(relative, organ_mask)], dim=1)
         if self.spec.pooling.kind == "radclip_slice":
             b, c, d, h, w = image.shape
             tokens, _ = self.visual_encoder(image.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w))

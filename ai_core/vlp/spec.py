@@ -63,11 +63,21 @@ class VisionSpec(_Frozen):
     # one). Needs mask_channel. Not in fVLM.
     relative_channel: bool = False
     relative_scale_hu: float = Field(50.0, gt=0)
+    # More input channels: the relative contrast averaged over the organ's own voxels around each
+    # voxel, with a Gaussian of each of these sigmas (mm; a normalised convolution, so the organ's
+    # border does not darken it). A dark blob of about that size then stands out of the voxel
+    # noise by its mean (noise falls with the square root of the voxels averaged), which a few
+    # 3x3x3 convolutions cannot learn to do over 10-20 mm. Needs relative_channel. Not in fVLM.
+    lesion_scales_mm: tuple[float, ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> VisionSpec:
         if self.relative_channel and not self.mask_channel:
             raise ValueError("vision.relative_channel needs vision.mask_channel (the organ it is relative to)")
+        if self.lesion_scales_mm and not self.relative_channel:
+            raise ValueError("vision.lesion_scales_mm needs vision.relative_channel (the contrast it averages)")
+        if any(s <= 0 for s in self.lesion_scales_mm):
+            raise ValueError(f"vision.lesion_scales_mm {self.lesion_scales_mm} must be positive sigmas in mm")
         if self.focal and any(p % 2 for p in self.patch):
             raise ValueError(f"vision.focal needs an even vision.patch (windows are halved): {self.patch}")
         if any(p % (2 ** len(self.stem)) for p in self.patch):
@@ -86,7 +96,8 @@ class VisionSpec(_Frozen):
     def encoder_channels(self) -> int:
         """Channels the patch embedding sees."""
         n = len(self.input_windows) * self.in_channels if self.input_windows else self.in_channels
-        return (2 * n + 1 if self.mask_channel else n) + (1 if self.relative_channel else 0)
+        return ((2 * n + 1 if self.mask_channel else n) + (1 if self.relative_channel else 0)
+                + len(self.lesion_scales_mm))
 
     @property
     def grid(self) -> tuple[int, int, int]:
