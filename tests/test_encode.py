@@ -409,3 +409,22 @@ def test_lean_sr_construction_builds_the_same_document(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="No evidence was provided"):
         highdicom_tuning._collect_evidence(sources[:1], content, volume.study_uid)
     assert highdicom_tuning.referenced_instance_uids(content) >= {"1.2.3.2"}  # the SEG, among others
+
+
+def test_seg_written_with_both_cores_is_byte_for_byte_the_plain_write(tmp_path, monkeypatch):
+    import io
+
+    from ai_core.encode import parallel
+
+    volume = _phantom(tmp_path)
+    labels, values = _labels()
+    seg = encode_results(_result(volume, labels, values), kinds=("seg",))["seg"]
+    frames = len(seg.PerFrameFunctionalGroupsSequence)
+    assert 4 <= frames < parallel.SPLIT_MIN_ITEMS
+    plain = parallel.encode_file(seg)
+    assert parallel.encode_file(seg, split=True) == plain  # a short sequence: written the usual way
+    monkeypatch.setattr(parallel, "SPLIT_MIN_ITEMS", 2)
+    assert parallel.encode_file(seg, split=True) == plain  # half the frames' items from a forked child
+    # the dataset itself is untouched: its sequence is still there, item by item
+    assert len(seg.PerFrameFunctionalGroupsSequence) == frames and not seg["PerFrameFunctionalGroupsSequence"].is_raw
+    assert pydicom.dcmread(io.BytesIO(plain)).NumberOfFrames == frames

@@ -59,7 +59,7 @@ def encode_results(
     def keep(kind: str, ds: Dataset | None, raw: EncodedBytes | None) -> None:
         out[kind] = ds if ds is not None else pydicom.dcmread(io.BytesIO(raw.data))
 
-    _encode(result, kinds, device_name, predecessor_sr, sources, parallel, keep)
+    _encode(result, kinds, device_name, predecessor_sr, sources, parallel, keep, seg_bytes=False)
     return out
 
 
@@ -82,7 +82,7 @@ def encode_to_bytes(
     def hand_on(kind: str, ds: Dataset | None, raw: EncodedBytes | None) -> None:
         on_ready(kind, raw if raw is not None else EncodedBytes.of(ds))
 
-    _encode(result, kinds, device_name, predecessor_sr, sources, parallel, hand_on)
+    _encode(result, kinds, device_name, predecessor_sr, sources, parallel, hand_on, seg_bytes=True)
 
 
 def encode_to_files(
@@ -111,7 +111,7 @@ def encode_to_files(
         paths[kind] = _write_atomic(out_dir / f"{kind}_{raw.sop_uid}.dcm", lambda tmp: tmp.write_bytes(raw.data))
 
     t0 = time.perf_counter()
-    _encode(result, kinds, device_name, predecessor_sr, sources, parallel, write)
+    _encode(result, kinds, device_name, predecessor_sr, sources, parallel, write, seg_bytes=True)
     result.timings["encode_and_write"] = time.perf_counter() - t0
     return paths
 
@@ -140,8 +140,11 @@ def _write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
 
 
 def _encode(result: AnalysisResult, kinds: Iterable[str], device_name: str, predecessor_sr: Dataset | None,
-            sources: list[Dataset] | None, parallel: bool, emit: Emit) -> None:
-    """Build the objects and hand each to ``emit`` as soon as it is ready (SEG, SC, then SR)."""
+            sources: list[Dataset] | None, parallel: bool, emit: Emit, seg_bytes: bool) -> None:
+    """Build the objects and hand each to ``emit`` as soon as it is ready (SEG, SC, then SR).
+
+    ``seg_bytes``: hand on the SEG encoded (with both cores when ``parallel``), not as a Dataset.
+    """
     import highdicom as hd
 
     from ai_core.encode.sc import build_sc
@@ -176,7 +179,7 @@ def _encode(result: AnalysisResult, kinds: Iterable[str], device_name: str, pred
     if segments:
         seg = build_seg(result, sources, index=index, segments=segments, device=device,
                         series_instance_uid=seg_uids[0], sop_instance_uid=seg_uids[1])
-        emit("seg", seg, None)
+        emit("seg", *((None, EncodedBytes.of(seg, split=parallel)) if seg_bytes else (seg, None)))
         built.append("seg")
     t_seg = time.perf_counter()
     if sc_job is not None:

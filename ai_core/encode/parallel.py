@@ -1,9 +1,13 @@
-"""Running one encoder in a forked child process, so that SEG and SR use both cores.
+"""Running encoders in forked child processes, so that SEG, SR and SC use both cores.
 
 highdicom spends its time in pure-Python dataset handling (GIL-bound: threads do not help).
 A forked child inherits the label map and headers without copying or pickling them and sends
 back the finished object as DICOM bytes; the parent reads those lazily, and writing them out
 again copies the raw bytes. Where fork is unavailable the work runs inline.
+
+``encode_file(ds, split=True)`` writes one object with both cores: the items of its longest part,
+a SEG's Per-Frame Functional Groups (one item of four nested sequences per frame, most of the
+writing time), are encoded half in a forked child, half here, and joined as one raw element.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pydicom
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, write_sequence_item
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +49,65 @@ class EncodedBytes:
     modality: str | None
 
     @classmethod
-    def of(cls, ds: Dataset) -> EncodedBytes:
-        """Encode ``ds`` in the DICOM file format."""
+    def of(cls, ds: Dataset, split: bool = False) -> EncodedBytes:
+        """Encode ``ds`` in the DICOM file format (``split``: with both cores, see ``encode_file``)."""
+        return cls(encode_file(ds, split=split), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                   str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID),
+                   str(ds.get("Modality", "")) or None)
+
+
+# Below this many items a forked child costs more than it saves.
+SPLIT_MIN_ITEMS = 64
+
+
+def encode_file(ds: Dataset, *, split: bool = False, keyword: str = "PerFrameFunctionalGroupsSequence") -> bytes:
+    """``ds`` in the DICOM file format: the bytes ``ds.save_as(..., enforce_file_format=True)`` writes.
+
+    ``split``: the items of the sequence ``keyword`` are encoded half in a forked child, half
+    here (explicit VR little endian only, as highdicom writes; otherwise, or for a short
+    sequence, ``ds`` is written the usual way). ``ds`` itself is not changed.
+    """
+    tag = tag_for_keyword(keyword)
+    if (not split or tag is None or tag not in ds or len(ds[tag].value) < SPLIT_MIN_ITEMS
+            or ds.file_meta.get("TransferSyntaxUID") != pydicom.uid.ExplicitVRLittleEndian):
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
-        return cls(buf.getvalue(), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
-                   str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), str(ds.get("Modality", "")) or None)
+        return buf.getvalue()
+    seq = ds[tag]
+    items = list(seq.value)
+    encodings = convert_encodings(ds.get("SpecificCharacterSet", default_encoding))
+    half = len(items) // 2
+    head = Forked(_encode_items, plain=True, items=items[:half], encodings=encodings)
+    tail = _encode_items(items[half:], encodings)
+    value = head.result() + tail
+    # A shallow copy with its own element dict: the same elements, the sequence replaced by its
+    # encoded value. Declaring the copy's encoding as the one written makes pydicom write that
+    # raw value as it is (without it, pydicom would parse it back); ambiguous VRs at the top
+    # level are resolved first, as a write does.
+    top = Dataset({t: ds[t] for t in ds.keys() if t != tag})
+    correct_ambiguous_vr(top, True)
+    top[tag] = RawDataElement(tag, "SQ", 0xFFFFFFFF if seq.is_undefined_length else len(value), value, 0, False, True)
+    top.set_original_encoding(False, True, top._character_set)
+    top.file_meta = ds.file_meta
+    top.preamble = getattr(ds, "preamble", None)
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, top, enforce_file_format=True)
+    return buf.getvalue()
 
 
-def _child(conn, fn: Callable[..., Dataset], kwargs: dict[str, Any]) -> None:
+def _encode_items(items: list[Dataset], encodings: list[str]) -> bytes:
+    """Sequence items as pydicom writes them inside a sequence (explicit VR little endian)."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    for item in items:
+        write_sequence_item(fp, item, encodings)
+    return fp.getvalue()
+
+
+def _child(conn, fn: Callable[..., Any], kwargs: dict[str, Any], plain: bool) -> None:
     try:
-        conn.send(("ok", EncodedBytes.of(fn(**kwargs))))
+        value = fn(**kwargs)
+        conn.send(("ok", value if plain else EncodedBytes.of(value)))
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
         try:
             payload = pickle.dumps(exc)
@@ -62,10 +119,15 @@ def _child(conn, fn: Callable[..., Dataset], kwargs: dict[str, Any]) -> None:
 
 
 class Forked:
-    """A call running in a forked child; ``outcome()`` returns its result (or raises its error)."""
+    """A call running in a forked child; ``outcome()`` returns its result (or raises its error).
 
-    def __init__(self, fn: Callable[..., Dataset], *, inline: bool = False, **kwargs: Any):
-        self._inline: Dataset | None = None
+    ``fn`` returns a Dataset, which the child sends back encoded; with ``plain`` it returns any
+    picklable value, sent back as it is.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, inline: bool = False, plain: bool = False, **kwargs: Any):
+        self._plain = plain
+        self._inline: Any = None
         self._error: BaseException | None = None
         self._proc = None
         ctx = None
@@ -78,7 +140,7 @@ class Forked:
         if ctx is not None:
             try:
                 self._recv, send = ctx.Pipe(duplex=False)
-                self._proc = ctx.Process(target=_child, args=(send, fn, kwargs), daemon=True)
+                self._proc = ctx.Process(target=_child, args=(send, fn, kwargs, plain), daemon=True)
                 self._proc.start()
                 send.close()
                 return
@@ -91,7 +153,10 @@ class Forked:
             self._error = exc
 
     def outcome(self, timeout: float = 600.0) -> tuple[Dataset | None, EncodedBytes | None]:
-        """(Dataset, None) when it ran inline, (None, its encoded bytes) from a child; or its error."""
+        """(Dataset, None) when it ran inline, (None, its encoded bytes) from a child; or its error.
+
+        With ``plain``: (the value, None) either way.
+        """
         if self._proc is None:
             if self._error is not None:
                 raise self._error
@@ -109,14 +174,14 @@ class Forked:
                 self._proc.kill()
                 self._proc.join()
         if status == "ok":
-            return None, payload
+            return (payload, None) if self._plain else (None, payload)
         pickled, text = payload
         if pickled is not None:
             exc = pickle.loads(pickled)
             raise exc from EncoderFailed(text)
         raise EncoderFailed(text)
 
-    def result(self, timeout: float = 600.0) -> Dataset:
-        """The Dataset (from a child: parsed lazily from its bytes), or the exception it raised."""
+    def result(self, timeout: float = 600.0) -> Any:
+        """The Dataset (from a child: parsed lazily from its bytes) or plain value, or the exception it raised."""
         ds, raw = self.outcome(timeout)
         return ds if ds is not None else pydicom.dcmread(io.BytesIO(raw.data))
