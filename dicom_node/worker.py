@@ -92,6 +92,13 @@ class Worker:
                 _pipeline(self.ctx, name)
             except Exception as exc:  # the analyze job reports it properly when it runs
                 log.error("pipeline %r could not be loaded at start: %s", name, exc)
+        if names:
+            try:
+                from ai_core.encode import warm_up
+
+                log.info("result encoders warmed up in %.1f s", warm_up())
+            except Exception as exc:  # only the first series pays for it then
+                log.warning("result encoders could not be warmed up: %s", exc)
 
     def run(self) -> None:
         """Loop until ``stop_event`` is set."""

@@ -428,3 +428,9 @@ def test_seg_written_with_both_cores_is_byte_for_byte_the_plain_write(tmp_path, 
     # the dataset itself is untouched: its sequence is still there, item by item
     assert len(seg.PerFrameFunctionalGroupsSequence) == frames and not seg["PerFrameFunctionalGroupsSequence"].is_raw
     assert pydicom.dcmread(io.BytesIO(plain)).NumberOfFrames == frames
+
+
+def test_encoder_warm_up_runs_the_whole_encoding_on_a_made_up_series():
+    from ai_core.encode import warm_up
+
+    assert 0 < warm_up() < 60  # builds a SEG, SR and SC (inline) and leaves nothing behind

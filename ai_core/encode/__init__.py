@@ -4,6 +4,7 @@
     write_results(objects, out_dir) -> {"seg": Path, ...}
     encode_to_files(result, out_dir, kinds=...) -> {"seg": Path, ...}   # fastest: writes as it goes
     encode_to_bytes(result, on_ready, kinds=...)   # each object's file bytes as soon as it is ready
+    warm_up()                                      # once per process, before the first series
 
 All three join the original study as new series (same Study Instance UID, new Series Instance
 UIDs, same Frame of Reference for the SEG). The SR references the SEG's segments, so asking for
@@ -114,6 +115,35 @@ def encode_to_files(
     _encode(result, kinds, device_name, predecessor_sr, sources, parallel, write, seg_bytes=True)
     result.timings["encode_and_write"] = time.perf_counter() - t0
     return paths
+
+
+def warm_up() -> float:
+    """Encode a tiny made-up result once (seconds taken), so the first real series does not pay
+    for highdicom's and pydicom's one-off loading of standard tables, fonts and codecs (~0.5 s).
+
+    Inline, in this process: the encoders' forked children inherit what it loaded.
+    """
+    import tempfile
+
+    import numpy as np
+
+    from ai_core.phantom.series import make_ct_series
+    from ai_core.result import FindingResult, ModelInfo, OrganResult
+    from ai_core.volume import read_volume
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ctvlp-encode-warm-up-") as tmp:
+        volume = read_volume(make_ct_series(Path(tmp), n_slices=12, rows=32, cols=32, spacing=(8.0, 8.0, 8.0)))
+        labels = np.zeros(volume.shape, np.uint8)
+        labels[3:9, 8:20, 8:20] = 2  # not a segment number: the remapping path too
+        model = ModelInfo("encoder warm-up", "0", demo=True)
+        result = AnalysisResult(
+            study_instance_uid=volume.study_uid, series_instance_uid=volume.series_uid, model=model,
+            segmenter=model, organs=[OrganResult("liver", 2, "evaluated")],
+            findings=[FindingResult("liver", "lesion", "absent", 0.1, 0.5)], source_files=list(volume.files),
+            labels=labels, source_headers=volume.headers)
+        encode_to_bytes(result, lambda kind, encoded: None, parallel=False)
+    return time.perf_counter() - t0
 
 
 def write_results(objects: dict[str, Dataset], out_dir: Path) -> dict[str, Path]:
