@@ -5,7 +5,7 @@ the node, to storescp and to Orthanc: once over one association, once as four co
 associations (four copies with distinct UIDs). Then exports the series from the node (its own
 SCU code) and from Orthanc (REST /modalities/.../store) to storescp.
 
-    python benchmarks/ingest.py [--slices 300] [--size 512] [--keep]
+    python benchmarks/ingest.py [--slices 300] [--size 512] [--keep] [--receive-processes 2]
 
 Its working directory (~5 GB for 300 slices: sources, copies and what each peer stored) is removed
 at the end unless ``--keep`` is given.
@@ -58,9 +58,14 @@ def copies(src: list[Path], out: Path, n: int) -> list[list[Path]]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
+    """User + system CPU time so far of a process and its live children (Linux /proc): the node's
+    receiver processes count as the node."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return own + sum(cpu_seconds(c) for c in children)
 
 
 def send(port: int, aet: str, series: list[list[Path]]) -> float:
@@ -82,6 +87,8 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
+    ap.add_argument("--receive-processes", type=int, default=2,
+                    help="the node's network.receive_processes (default 2; 0: the node process receives)")
     args = ap.parse_args()
     return run_in_workdir("ctvlp-bench-", args, run)
 
@@ -93,13 +100,14 @@ def run(args: argparse.Namespace, work: Path) -> int:
     four = [copies(src, work / f"four{t}", 4) for t in range(3)]
     n = len(src)
     print(f"series: {n} slices {args.size}x{args.size}, {sum(f.stat().st_size for f in src) / 2**20:.0f} MB; "
-          f"max PDU {MAX_PDU}")
+          f"max PDU {MAX_PDU}; node receive_processes {args.receive_processes}")
     results: dict[str, float] = {}
     cpu_ms: dict[str, float] = {}  # CPU time of the receiving process per image
     with StoreSCP(work / "scp", max_pdu=MAX_PDU) as scp, Orthanc(
             work / "orthanc", aet="ORTHANC", modalities={"SCP": (scp.aet, "127.0.0.1", scp.port)}) as orthanc, \
             NodeProcess(work / "node", stable_after=30, workers=0,
-                        destinations={"scp": {"ae_title": scp.aet, "host": "127.0.0.1", "port": scp.port}}) as node:
+                        destinations={"scp": {"ae_title": scp.aet, "host": "127.0.0.1", "port": scp.port}},
+                        extra={"network": {"receive_processes": args.receive_processes}}) as node:
         targets = {"node": (node.port, node.ae_title, node.proc.pid), "storescp": (scp.port, scp.aet, scp.proc.pid),
                    "orthanc": (orthanc.dicom_port, orthanc.aet, orthanc.proc.pid)}
         for kind, data in (("ingest1", one), ("ingest4", four)):

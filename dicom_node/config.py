@@ -79,6 +79,10 @@ class Network(Strict):
     allowed_peers: list[AllowedPeer] = [AllowedPeer()]
     # Reject associations from peers that are not in allowed_peers (the default).
     require_known_peers: bool = True
+    # Receiver processes (0: the node process receives). pynetdicom receives on one core per
+    # process; with N >= 1 the node accepts each connection and hands it to one of N processes,
+    # round robin (max_associations is then shared among them).
+    receive_processes: int = Field(0, ge=0, le=64)
 
 
 class Destination(Strict):

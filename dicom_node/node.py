@@ -11,6 +11,7 @@ import time
 from datetime import timedelta
 
 from pydicom import dcmread
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -20,12 +21,13 @@ from dicom_node.config import Config
 from dicom_node.errors import ConfigError
 from dicom_node.indexer import Indexer
 from dicom_node.receive import PeerPolicy, build_ae, start_listener
+from dicom_node.receivers import ReceiverPool
 from dicom_node.retention import apply_retention
 from dicom_node.routing import Router, SeriesAttributes
 from dicom_node.worker import spawn_workers
 from storage.db import open_database
 from storage.filestore import FileStore
-from storage.index import rebuild_index
+from storage.index import InstanceRecord, rebuild_index
 from storage.models import Instance, Meta, Series, utcnow
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Node:
                                fsync=config.storage.fsync)
         self.indexer = Indexer(self.factory)
         self.tracker = CompletionTracker(self.complete_series)
+        self.receivers: ReceiverPool | None = None
         self.ae = None
         self.servers: list = []
         self.worker_procs: list = []
@@ -66,16 +69,25 @@ class Node:
                                        next_run_time=utcnow() + timedelta(minutes=1))
         self.ae = build_ae(self.config)
         policy = PeerPolicy(self.config)
-        for listener in self.config.listeners:
+        level = logging.getLogger().level
+        if self.config.network.receive_processes:
             try:
-                self.servers.append(start_listener(self.ae, listener, policy, self.store,
-                                                   self.indexer.submit, self.tracker.touch))
+                self.receivers = ReceiverPool(self.config, self.config.network.receive_processes, self.on_stored,
+                                              level).start()
+            except RuntimeError as exc:
+                self.stop()
+                raise ConfigError(f"{exc}; or set network.receive_processes: 0 to receive in the node "
+                                  "process") from None
+        for i, listener in enumerate(self.config.listeners):
+            server_class = self.receivers.server_class(i) if self.receivers else ThreadedAssociationServer
+            try:
+                self.servers.append(start_listener(self.ae, listener, policy, self.store, self.on_stored,
+                                                   server_class))
             except OSError as exc:
                 self.stop()
                 raise ConfigError(f"cannot listen on {listener.host}:{listener.port}: {exc.strerror}; "
                                   "another process holds the port or it needs privileges: change "
                                   "listeners[].port") from None
-        level = logging.getLogger().level
         self.worker_procs = spawn_workers(self.config, self.n_workers, level)
         if self.n_workers:
             self.worker_procs += spawn_workers(self.config, self.config.workers.delivery_count, level,
@@ -92,6 +104,9 @@ class Node:
         for server in self.servers:
             server.shutdown()
         self.servers = []
+        if self.receivers is not None:
+            self.receivers.stop()  # their open associations finish and are indexed first
+            self.receivers = None
         self.tracker.stop()
         self.indexer.stop()
         for p in self.worker_procs:
@@ -116,6 +131,8 @@ class Node:
                         row.value = value
             except Exception:
                 log.exception("node heartbeat failed")
+            if self.receivers is not None:
+                self.receivers.check()
             # restart dead workers: a crash in a model must not stop the queue
             for i, p in enumerate(self.worker_procs):
                 if not p.is_alive() and not self._stop.is_set():
@@ -145,6 +162,11 @@ class Node:
                             result_days=st.result_retention_days)
         except Exception:
             log.exception("retention run failed; will try again in an hour")
+
+    def on_stored(self, record: InstanceRecord, stable_after: float) -> None:
+        """A new instance is on disk: index it and (re)start its series' completion timer."""
+        self.indexer.submit(record)
+        self.tracker.touch(record.series_uid, stable_after)
 
     # --- completion and routing ---
     def complete_series(self, series_uid: str) -> None:

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import threading
 import zlib
 from io import BytesIO
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import pynetdicom_tuning
 from dicom_node.config import Config, Listener
@@ -86,15 +88,18 @@ class PeerPolicy:
         return False
 
 
+# Called with each newly stored instance's index record and its listener's stable_after, before
+# the C-STORE is answered: the node indexes it and (re)starts the series' completion timer.
+OnStored = Callable[[InstanceRecord, float], None]
+
+
 class StoreHandler:
     """Handles C-STORE requests for one listener."""
 
-    def __init__(self, listener: Listener, store: FileStore, submit: Callable[[InstanceRecord], None],
-                 touch: Callable[[str, float], None]):
+    def __init__(self, listener: Listener, store: FileStore, on_stored: OnStored):
         self.listener = listener
         self.store = store
-        self.submit = submit
-        self.touch = touch
+        self.on_stored = on_stored
 
     def __call__(self, event: evt.Event) -> Dataset:
         try:
@@ -144,12 +149,12 @@ class StoreHandler:
         finally:
             body.release()
         if not stored.duplicate:
-            self.submit(InstanceRecord(
+            self.on_stored(InstanceRecord(
                 study_uid=values["StudyInstanceUID"], series_uid=values["SeriesInstanceUID"],
                 sop_uid=values["SOPInstanceUID"], sop_class_uid=values["SOPClassUID"],
                 transfer_syntax_uid=str(ts), relpath=stored.relpath, size=stored.size, modality=modality,
-                calling_ae=calling, called_ae=self.listener.ae_title, peer_host=event.assoc.requestor.address))
-            self.touch(values["SeriesInstanceUID"], self.listener.stable_after)
+                calling_ae=calling, called_ae=self.listener.ae_title, peer_host=event.assoc.requestor.address),
+                self.listener.stable_after)
         log.debug("stored %s (%d bytes%s)", values["SOPInstanceUID"], stored.size,
                   ", identical to the stored copy" if stored.duplicate else "")
         return status(SUCCESS)
@@ -376,17 +381,28 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
-def start_listener(ae: AE, listener: Listener, policy: PeerPolicy, store: FileStore,
-                   submit: Callable[[InstanceRecord], None], touch: Callable[[str, float], None]):
-    """Start one non-blocking association server for a listener; returns the server."""
-    handlers = [
+def listener_handlers(listener: Listener, policy: PeerPolicy, store: FileStore, on_stored: OnStored) -> list:
+    """The association event handlers of one listener."""
+    return [
         (evt.EVT_CONN_OPEN, set_nodelay),
         (evt.EVT_REQUESTED, make_requested_handler(policy)),
         (evt.EVT_ACCEPTED, log_association),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, StoreHandler(listener, store, submit, touch)),
+        (evt.EVT_C_STORE, StoreHandler(listener, store, on_stored)),
     ]
-    server = ae.start_server((listener.host, listener.port), block=False, evt_handlers=handlers,
-                             ae_title=listener.ae_title)
+
+
+def start_listener(ae: AE, listener: Listener, policy: PeerPolicy, store: FileStore, on_stored: OnStored,
+                   server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer):
+    """Start one non-blocking association server for a listener; returns the server.
+
+    ``server_class``: e.g. one that hands the connections to receiver processes (``receivers.py``).
+    """
+    server = ae.make_server((listener.host, listener.port), ae_title=listener.ae_title,
+                            evt_handlers=listener_handlers(listener, policy, store, on_stored),
+                            server_class=server_class)
+    # as AE.start_server(block=False) does (server.shutdown() removes it from the AE's list again)
+    ae._servers.append(server)
+    threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{listener.port}", daemon=True).start()
     log.info("listening as %s on %s:%d", listener.ae_title, listener.host, listener.port)
     return server

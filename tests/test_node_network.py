@@ -260,3 +260,51 @@ def test_analysis_workers_yield_the_cpu_to_receiving(tmp_path):
                 break
             time.sleep(0.1)
         assert sorted(workers) == [0, 10], workers
+
+
+def test_receiver_processes_share_concurrent_associations_and_lose_nothing(tmp_path):
+    sets = [_series(tmp_path, f"ct{i}", n=15, size=64, seed=i) for i in range(4)]
+    with NodeProcess(tmp_path / "node", stable_after=1.0, workers=0,
+                     extra={"network": {"receive_processes": 2, "allowed_peers": [
+                         {"ae_title": "MODALITY", "hosts": ["127.0.0.1"]}]}}) as node:
+        results = [None] * 4
+
+        def send(i: int) -> None:
+            results[i] = storescu(node.port, sets[i], calling="MODALITY", check=False)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(r is not None and r.returncode == 0 for r in results), [r and r.stderr[-500:] for r in results]
+        assert len(node.files()) == 60
+        # complete (and, with no rules, discarded): every instance was indexed before its series completed
+        node.wait_for(lambda: node.status()["series"].get("discarded") == 4, timeout=60, what="four series complete")
+        assert _indexed(node) == 60
+        # the associations were served by the two receiver processes, round robin: two each
+        accepted = re.findall(r"(receiver-\d) dicom_node.receive: association accepted: AE 'MODALITY'", node.log())
+        assert sorted(accepted) == ["receiver-1", "receiver-1", "receiver-2", "receiver-2"]
+        # a receiver that dies is replaced, and receiving goes on
+        pid = int(re.search(r"receiver-1 started as pid (\d+)", node.log()).group(1))
+        __import__("os").kill(pid, 9)
+        node.wait_for(lambda: node.log().count("receiver-1 started as pid") == 2, timeout=30,
+                      what="receiver-1 restarted")
+        more = _series(tmp_path, "ct4", n=5, size=64, seed=9)
+        for _ in range(2):  # round robin: one of these goes to the new receiver-1
+            storescu(node.port, more, calling="MODALITY")
+        assert len(node.files()) == 65
+        node.wait_for(lambda: _indexed(node) == 65, timeout=30, what="the new instances indexed")
+        # the allow-list holds in the receivers too
+        r = storescu(node.port, more[:1], calling="INTRUDER", check=False)
+        assert r.returncode != 0 and len(node.files()) == 65
+
+
+def _indexed(node: NodeProcess) -> int:
+    from sqlalchemy import func, select
+
+    from storage.models import Instance
+
+    node.status()  # opens the database
+    with node._factory() as s:
+        return s.scalar(select(func.count()).select_from(Instance))
