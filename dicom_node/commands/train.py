@@ -47,6 +47,8 @@ def add_arguments(parser) -> None:
     seg.add_argument("--balanced-findings", action="store_true",
                      help="draw phantoms from balanced finding sets (every finding in about a third of them) "
                           "instead of at random")
+    seg.add_argument("--model-version", default="1.0.0",
+                     help="version written into the bundle's metadata (default 1.0.0)")
     seg.add_argument("--no-export", action="store_true", help="train only; do not write the bundle")
     seg.add_argument("--export-only", action="store_true",
                      help="do not train: export the checkpoint in --work-dir as it is")
@@ -129,7 +131,7 @@ def _run_segmentation(args) -> int:
     if not args.no_export:
         out = Path(args.out) if args.out else DEMO_BUNDLE
         command = " ".join(shlex.quote(a) for a in ["dicom-node", *sys.argv[1:]])
-        export_bundle(config, network, out, dice=dice, command=command, seconds=seconds)
+        export_bundle(config, network, out, dice=dice, command=command, seconds=seconds, version=args.model_version)
         print(f"bundle written to {out}")
         if args.eval_cases > 0:
             from ai_core.training.segmentation import evaluate_end_to_end, held_out_seeds, record_evaluation
