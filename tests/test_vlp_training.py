@@ -165,3 +165,25 @@ def test_cli_names_a_missing_init_model_without_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no checkpoint at" in err and "missing.pt" in err and "fix the path" in err
     assert not list((tmp_path / "w").glob("windows-*"))  # it failed before making any phantom windows
+
+
+def test_mask_jitter_moves_the_organ_border_by_one_voxel_and_never_empties_it():
+    from scipy import ndimage
+
+    from ai_core.training.vlp import jitter_mask
+
+    mask = np.zeros((12, 12, 12), bool)
+    mask[3:9, 3:9, 3:9] = True
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        out = jitter_mask(mask, rng)
+        # within one voxel of the original border, and still an organ
+        assert (out & ~ndimage.binary_dilation(mask)).sum() == 0
+        assert (mask & ~out & ndimage.binary_erosion(mask)).sum() == 0
+        assert out.any()
+        seen.add(int(out.sum()) - int(mask.sum()) > 0)
+    assert seen == {True, False}  # grown and shrunk
+    dot = np.zeros((5, 5, 5), bool)
+    dot[2, 2, 2] = True
+    assert all(jitter_mask(dot, rng).any() for _ in range(20))

@@ -315,6 +315,10 @@ class TrainConfig:
     jitter: int = 3
     noise: float = 0.01  # std of Gaussian noise added to the 0..1 input during training
     shift: int = 4  # random shift (voxels) and left-right mirroring of every window at every step
+    # Probability that a window's mask is grown or shrunk by one voxel at a step: inference sees a
+    # segmenter's masks, which differ from the ground truth at the border, and a model trained on
+    # exact masks reads its focal extremes there too literally.
+    mask_jitter: float = 0.0
     weight_itc: float = 0.5
     weight_dictionary: float = 0.25
     weight_prompts: float = 1.0
@@ -394,9 +398,12 @@ def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str 
     )
 
 
-def _augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, shift: int) -> tuple[np.ndarray, np.ndarray]:
+def _augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, shift: int,
+             mask_jitter: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     # A different small shift (and left-right mirror) of every window at every step, so the
     # model cannot learn the cases by heart instead of the findings.
+    if mask_jitter and rng.random() < mask_jitter:
+        mask = jitter_mask(mask, rng)
     d = [int(v) for v in rng.integers(-shift, shift + 1, 3)]
     image, mask = np.roll(image, d, axis=(1, 2, 3)), np.roll(mask, d, axis=(0, 1, 2))
     if rng.random() < 0.5:
@@ -404,14 +411,29 @@ def _augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, shif
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
+def jitter_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The mask grown or shrunk (even odds) by one voxel in-plane, or also along the slices (a
+    segmenter's border errors); never shrunk to nothing."""
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(3, 1)
+    if rng.random() < 0.5:
+        structure[0] = structure[2] = False  # in-plane only
+    if rng.random() < 0.5:
+        return ndimage.binary_dilation(mask, structure)
+    shrunk = ndimage.binary_erosion(mask, structure)
+    return shrunk if shrunk.any() else mask
+
+
 def forward_windows(
     model: OrganVLP, windows: Sequence[Window], noise: float = 0.0, shift: int = 0,
-    rng: np.random.Generator | None = None,
+    rng: np.random.Generator | None = None, mask_jitter: float = 0.0,
 ) -> torch.Tensor:
     """Normalised organ embeddings (N, E) of windows, encoder run once per group of equal shapes.
 
-    ``noise`` and ``shift`` augment (training only): Gaussian noise on the 0..1 input, random
-    shifts up to ``shift`` voxels and left-right mirroring.
+    ``noise``, ``shift`` and ``mask_jitter`` augment (training only): Gaussian noise on the 0..1
+    input, random shifts up to ``shift`` voxels and left-right mirroring, masks grown or shrunk by
+    a voxel (see ``TrainConfig.mask_jitter``).
     """
     device = model.text_proj.weight.device
     rng = rng or np.random.default_rng()
@@ -421,8 +443,8 @@ def forward_windows(
         groups.setdefault(w.shape, []).append(i)
     for idx in groups.values():
         pairs = [(windows[i].image, windows[i].mask()) for i in idx]
-        if shift > 0:
-            pairs = [_augment(im, m, rng, shift) for im, m in pairs]
+        if shift > 0 or mask_jitter > 0:
+            pairs = [_augment(im, m, rng, shift, mask_jitter) for im, m in pairs]
         image = torch.from_numpy(np.stack([im for im, _ in pairs])).to(device=device, dtype=torch.float32)
         if noise > 0:
             image = image + noise * torch.randn_like(image)
@@ -612,7 +634,8 @@ def train_vlp(
         for batch in bar:
             for g in optimizer.param_groups:
                 g["lr"] = config.lr * _lr_factor(step, total_steps, config.warmup_steps)
-            embeds = forward_windows(model, batch, noise=config.noise, shift=config.shift, rng=np_rng)
+            embeds = forward_windows(model, batch, noise=config.noise, shift=config.shift, rng=np_rng,
+                                     mask_jitter=config.mask_jitter)
             loss = batch_loss(model, batch, embeds, bank, dictionary, config)
             optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
@@ -828,6 +851,9 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--lesion-scales", default="", metavar="MM[,MM...]",
                         help="with --relative-channel: that contrast also averaged inside the organ with Gaussians "
                              "of these sigmas in mm, one more channel each (vision.lesion_scales_mm; demo 1.3: 4,8)")
+    parser.add_argument("--mask-jitter", type=float, default=0.0, metavar="P",
+                        help="probability that a window's organ mask is grown or shrunk by one voxel at a step, "
+                             "so the model tolerates a segmenter's borders (default 0)")
     parser.add_argument("--model-version", default=None,
                         help="version written into the model's spec (default: the demo spec's)")
     parser.add_argument("--eval-cases", type=int, default=40,
@@ -853,6 +879,8 @@ def run_cli(args) -> int:
         spec = spec.with_updates(version=args.model_version)
     if args.pooling != spec.pooling.kind:
         spec = spec.with_updates(pooling={**spec.pooling.model_dump(), "kind": args.pooling})
+    if not 0.0 <= args.mask_jitter <= 1.0:
+        raise ValueError(f"--mask-jitter {args.mask_jitter} is a probability: give a value from 0 to 1")
     if min(args.train_cases, args.val_cases, args.epochs, args.batch_cases) < 1:
         raise ValueError("--train-cases, --val-cases, --epochs and --batch-cases must be at least 1")
     config = TrainConfig(
@@ -860,7 +888,7 @@ def run_cli(args) -> int:
         n_train=args.train_cases, n_val=args.val_cases, epochs=args.epochs, batch_cases=args.batch_cases,
         lr=args.lr, threads=args.threads, workers=args.workers, device=args.device, resume=not args.no_resume,
         data_dir=Path(args.data_dir) if args.data_dir else None,
-        init_from=str(Path(args.init).resolve()) if args.init else None,
+        init_from=str(Path(args.init).resolve()) if args.init else None, mask_jitter=args.mask_jitter,
     )
     t0 = time.perf_counter()
     model_path = train_vlp(spec, config)
