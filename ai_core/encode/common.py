@@ -65,6 +65,23 @@ def software_versions(result: AnalysisResult) -> list[str]:
     return [f"{MANUFACTURER} {__version__}", result.segmenter.label[:64], result.model.label[:64]]
 
 
+def result_instance(kind: str, result: AnalysisResult, sources: Sequence[Dataset], device: Device,
+                    model: ModelInfo, series_instance_uid: str | None, sop_instance_uid: str | None) -> dict:
+    """The arguments every highdicom constructor of a result object takes alike: its series and
+    instance, and the equipment that made it (``model``: the one named as the model name)."""
+    return {
+        "series_instance_uid": series_instance_uid or hd.UID(),
+        "series_number": series_number(kind, sources[0]),
+        "sop_instance_uid": sop_instance_uid or hd.UID(),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": model.label[:64],
+        "software_versions": software_versions(result),
+        "device_serial_number": device.serial_number,
+        "series_description": series_description(kind, result),
+    }
+
+
 def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequence:
     """SEG algorithm identification of a model (family: Artificial Intelligence, CID 7162)."""
     params = {"spec_hash": model.spec_hash} if model.spec_hash else None

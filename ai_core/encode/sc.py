@@ -24,16 +24,13 @@ from scipy import ndimage
 
 from ai_core.catalogue import FINDINGS, ORGANS
 from ai_core.encode.common import (
-    MANUFACTURER,
     NOT_FOR_CLINICAL_USE,
     Device,
     LabelIndex,
     SliceLocator,
     is_demo,
     organ_entry,
-    series_description,
-    series_number,
-    software_versions,
+    result_instance,
 )
 from ai_core.result import AnalysisResult, FindingResult
 
@@ -232,17 +229,9 @@ def build_sc(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_instance_uid or hd.UID(),
-        series_number=series_number("sc", sources[0]),
-        sop_instance_uid=sop_instance_uid or hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **result_instance("sc", result, sources, device, result.model, series_instance_uid, sop_instance_uid),
         patient_orientation=_patient_orientation(sources[0]),
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
-        series_description=series_description("sc", result),
-        manufacturer_model_name=result.model.label[:64],
-        software_versions=software_versions(result),
-        device_serial_number=device.serial_number,
     )
     # highdicom 0.28 has no argument for Body Part Examined; without it General Series' Laterality
     # (Type 2C) counts as required (dciodvfy). The summary shows the source's body part.

@@ -22,16 +22,13 @@ from pydicom.dataset import Dataset
 
 from ai_core.catalogue import DISPLAY_RGB, ORGANS
 from ai_core.encode.common import (
-    MANUFACTURER,
     Device,
     LabelIndex,
     algorithm_identification,
     code_of,
     is_demo,
     organ_entry,
-    series_description,
-    series_number,
-    software_versions,
+    result_instance,
 )
 from ai_core.result import AnalysisResult
 
@@ -127,16 +124,8 @@ def build_seg(
         pixel_array=seg_map,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_segment_description(s, result) for s in segments],
-        series_instance_uid=series_instance_uid or hd.UID(),
-        series_number=series_number("seg", sources[0]),
-        sop_instance_uid=sop_instance_uid or hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=result.segmenter.label[:64],
-        software_versions=software_versions(result),
-        device_serial_number=device.serial_number,
+        **result_instance("seg", result, sources, device, result.segmenter, series_instance_uid, sop_instance_uid),
         omit_empty_frames=True,
-        series_description=series_description("seg", result),
         content_label="ORGANS",
         content_description=(f"AI organ masks by {result.segmenter.label}"
                              + (" - NOT FOR CLINICAL USE" if demo else ""))[:64],

@@ -61,9 +61,7 @@ from ai_core.encode.common import (
     finding_entry,
     laterality_word,
     organ_entry,
-    series_description,
-    series_number,
-    software_versions,
+    result_instance,
 )
 from ai_core.encode.highdicom_tuning import lean_sr_construction
 from ai_core.encode.seg import SegmentInfo
@@ -235,15 +233,7 @@ def build_sr(
         return hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
-            series_instance_uid=series_instance_uid or hd.UID(),
-            series_number=series_number("sr", sources[0]),
-            sop_instance_uid=sop_instance_uid or hd.UID(),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=result.model.label[:64],
-            software_versions=software_versions(result),
-            device_serial_number=device.serial_number,
-            series_description=series_description("sr", result),
+            **result_instance("sr", result, sources, device, result.model, series_instance_uid, sop_instance_uid),
             is_complete=True,
             is_final=True,
             is_verified=False,  # nobody has verified an AI result
