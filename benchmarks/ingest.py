@@ -60,11 +60,13 @@ def copies(src: list[Path], out: Path, n: int) -> list[list[Path]]:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time so far of a process and its live children (Linux /proc): the node's
     receiver processes count as the node."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+    except FileNotFoundError:  # exited meanwhile (a child): its time is no longer the node's to count
+        return 0.0
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
     return own + sum(cpu_seconds(c) for c in children)
 
 

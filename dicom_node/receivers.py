@@ -114,6 +114,7 @@ class ReceiverPool:
             try:
                 message = r.records.recv()
             except (EOFError, OSError):
+                r.records.close()  # the receiver is gone and everything it sent is indexed
                 return
             if message == READY:
                 r.ready.set()
@@ -141,6 +142,7 @@ class ReceiverPool:
         """Restart receivers that died (their stored instances' records were read before)."""
         if self._stopping:
             return
+        self._readers = [t for t in self._readers if t.is_alive()]
         for i, r in enumerate(self.receivers):
             if not r.process.is_alive():
                 log.error("receiver %d exited with %s; restarting it", i + 1, r.process.exitcode)

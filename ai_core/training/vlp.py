@@ -361,9 +361,9 @@ def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str 
                       relative_channel: bool = False, lesion_scales_mm: Sequence[float] = ()) -> ModelSpec:
     """The demo model: small ViT on 3 x 3 x 4.5 mm windows, frozen MiniLM text tower, phantom findings.
 
-    ``relative_channel``: with the organ-relative contrast channel, as demo 1.2; ``lesion_scales_mm``:
-    with that contrast also averaged at these scales, as demo 1.3 (the version defaults to 1.3, 1.2
-    or 1.1 by the channels the spec has).
+    ``relative_channel``: with the organ-relative contrast channel, as the shipped demo 1.2;
+    ``lesion_scales_mm``: with that contrast also averaged at these scales (tried, not shipped).
+    The version defaults to 1.3, 1.2 or 1.1 by the channels the spec has.
 
     Sizes were chosen for CPU training in minutes: windows of 144 x 144 x 192 mm (z, y, x; larger
     organs get larger windows and an interpolated position embedding), 24-36 mm tokens.
@@ -850,7 +850,7 @@ def add_cli_arguments(parser) -> None:
                              "channel (vision.relative_channel)")
     parser.add_argument("--lesion-scales", default="", metavar="MM[,MM...]",
                         help="with --relative-channel: that contrast also averaged inside the organ with Gaussians "
-                             "of these sigmas in mm, one more channel each (vision.lesion_scales_mm; demo 1.3: 4,8)")
+                             "of these sigmas in mm, one more channel each (vision.lesion_scales_mm, e.g. 4,8)")
     parser.add_argument("--mask-jitter", type=float, default=0.0, metavar="P",
                         help="probability that a window's organ mask is grown or shrunk by one voxel at a step, "
                              "so the model tolerates a segmenter's borders (default 0)")
@@ -874,6 +874,8 @@ def run_cli(args) -> int:
     except ValueError:
         raise ValueError(f"--lesion-scales {args.lesion_scales!r}: give sigmas in mm separated by commas, "
                          "e.g. 4,8") from None
+    if scales and not args.relative_channel:
+        raise ValueError("--lesion-scales averages the organ-relative contrast: add --relative-channel")
     spec = phantom_demo_spec(relative_channel=args.relative_channel, lesion_scales_mm=scales)
     if args.model_version:
         spec = spec.with_updates(version=args.model_version)

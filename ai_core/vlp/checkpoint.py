@@ -193,8 +193,8 @@ def init_from_checkpoint(model: OrganVLP, path: str | Path) -> list[str]:
                               "channels may be added (vision.relative_channel, vision.lesion_scales_mm)")
     ov, nv = old.vision, new.vision
     # New channels are appended after the old ones: the old ones must keep their places.
-    if ov.relative_channel and (not nv.relative_channel or nv.relative_scale_hu != ov.relative_scale_hu) \
-            or nv.lesion_scales_mm[:len(ov.lesion_scales_mm)] != ov.lesion_scales_mm:
+    relative_lost = ov.relative_channel and (not nv.relative_channel or nv.relative_scale_hu != ov.relative_scale_hu)
+    if relative_lost or nv.lesion_scales_mm[:len(ov.lesion_scales_mm)] != ov.lesion_scales_mm:
         raise CheckpointError(f"{path} has input channels that the model to fine-tune drops, changes or reorders "
                               f"(relative_channel {ov.relative_channel}, relative_scale_hu {ov.relative_scale_hu}, "
                               f"lesion_scales_mm {list(ov.lesion_scales_mm)}); channels may only be added after them")
