@@ -187,3 +187,34 @@ def test_mask_jitter_moves_the_organ_border_by_one_voxel_and_never_empties_it():
     dot = np.zeros((5, 5, 5), bool)
     dot[2, 2, 2] = True
     assert all(jitter_mask(dot, rng).any() for _ in range(20))
+
+
+def test_windows_cut_on_a_segmenters_masks_follow_its_prediction_not_the_truth(tmp_path):
+    """--segmenter: fVLM trains on a segmenter's masks; the windows must be cut on those, and cached apart."""
+    import SimpleITK as sitk
+
+    from ai_core.crops import CropConfig, resample_for_crops
+    from ai_core.segmentation import DEMO_BUNDLE
+    from ai_core.training.vlp import phantom_demo_spec, phantom_windows, segmented, segmenter_fingerprint
+
+    spec = phantom_demo_spec()
+    case = next(phantom_cases(5, [0], spacing=(3.0, 3.0, 4.5)))
+    predicted = segmented(case, DEMO_BUNDLE)
+    assert predicted.reports is case.reports and predicted.image is case.image
+    truth = sitk.GetArrayViewFromImage(case.labels)
+    labels = sitk.GetArrayViewFromImage(predicted.labels)
+    liver_t, liver_p = truth == case.organ_labels["liver"], labels == predicted.organ_labels["liver"]
+    assert 0.7 < 2 * (liver_t & liver_p).sum() / (liver_t.sum() + liver_p.sum()) < 1.0  # a prediction, not a copy
+
+    config = CropConfig.from_preprocess(spec.preprocess, patch=tuple(spec.vision.patch))
+    _, lab_p, _ = resample_for_crops(case.image, predicted.labels, config)
+    wins = {w.organ: w for w in phantom_windows(spec, 5, [0], 0, 1, spacing=(3.0, 3.0, 4.5), progress=False,
+                                                segmenter=DEMO_BUNDLE)}
+    gt = {w.organ: w for w in phantom_windows(spec, 5, [0], 0, 1, spacing=(3.0, 3.0, 4.5), progress=False)}
+    assert wins.keys() == gt.keys()
+    # the liver window's mask holds as many voxels as the segmenter's liver on the crop grid
+    assert wins["liver"].mask().sum() == (lab_p == predicted.organ_labels["liver"]).sum()
+    assert wins["liver"].mask().sum() != gt["liver"].mask().sum()
+    assert wins["liver"].report is not None and wins["liver"].report.text == gt["liver"].report.text
+    assert segmenter_fingerprint(None) is None
+    assert segmenter_fingerprint(DEMO_BUNDLE) != segmenter_fingerprint(tmp_path)

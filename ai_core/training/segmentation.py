@@ -391,7 +391,7 @@ def load_init_weights(path: str | Path, network: torch.nn.Module) -> dict[str, t
     if mismatched or set(state) - set(own):
         raise ValueError(f"--init: the weights in {path} are not for this network (differing: "
                          f"{', '.join(mismatched[:3] or sorted(set(state) - set(own))[:3])}...); use the same "
-                         "--channels, --spacing inputs and organs as the model they come from")
+                         "--channels, --res-units, --spacing, inputs and organs as the model they come from")
     return state
 
 

@@ -3,7 +3,10 @@
 Data: cases of (HU volume, organ label map, per-organ report sentences), from the phantom generator
 or from a directory (``DirectoryCases``). Each organ of a case becomes one window, cut by the same
 crop code as inference (``ai_core.crops``) from the ground-truth label map, with a small random
-shift of the window centre (inference centres on a predicted mask).
+shift of the window centre (inference centres on a predicted mask). With a segmenter
+(``TrainConfig.segmenter``) the label map is that segmenter's prediction instead, as fVLM trains on
+TotalSegmentator masks: the model then learns, and its thresholds are calibrated, on the masks it
+will be given at inference.
 
 Loss per organ, over the windows of that organ in the batch:
 
@@ -195,11 +198,31 @@ def case_windows(case: TrainCase, spec: ModelSpec, rng: np.random.Generator, jit
     return out
 
 
+_SEGMENTERS: dict[str, Any] = {}  # bundle directory -> loaded segmenter, one per worker process
+
+
+def segmented(case: TrainCase, bundle_dir: str | Path) -> TrainCase:
+    """``case`` with its label map replaced by the prediction of the MONAI bundle ``bundle_dir``."""
+    from ai_core.segmentation.monai_bundle import MonaiBundleSegmenter
+    from ai_core.volume import CTVolume
+
+    key = str(Path(bundle_dir).resolve())
+    if key not in _SEGMENTERS:
+        _SEGMENTERS[key] = MonaiBundleSegmenter(key)
+    seg = _SEGMENTERS[key].segment(CTVolume(image=case.image, files=[], study_uid="", series_uid=case.case_id,
+                                            frame_of_reference_uid=None))
+    # only organs the case has ground truth for: the others have no report to pair with
+    organ_labels = {o: v for o, v in seg.organ_labels.items() if o in case.organ_labels}
+    return TrainCase(case.case_id, case.image, seg.labels, organ_labels, case.reports)
+
+
 def _windows_worker(args: tuple) -> list[Window]:
-    source, seed, index, spacing, spec_json, jitter = args
+    source, seed, index, spacing, spec_json, jitter, segmenter = args
     torch.set_num_threads(1)
     spec = ModelSpec.model_validate(spec_json)
     case = next(phantom_cases(seed, [index], spacing))
+    if segmenter:
+        case = segmented(case, segmenter)
     wins = case_windows(case, spec, np.random.default_rng([seed, index, 17]), jitter)
     # organs without findings to score (the phantom's stomach) are not worth their training time
     return [w for w in wins if spec.findings.get(w.organ)]
@@ -214,11 +237,16 @@ def phantom_windows(
     spacing: Sequence[float] | None = None,
     progress: bool = True,
     desc: str = "phantoms",
+    segmenter: str | Path | None = None,
 ) -> list[Window]:
-    """Windows of the balanced phantom cases ``indices`` of set ``seed`` (generated in ``workers`` processes)."""
+    """Windows of the balanced phantom cases ``indices`` of set ``seed`` (generated in ``workers`` processes).
+
+    Cut on the phantoms' ground-truth labels, or on the masks the MONAI bundle ``segmenter`` predicts.
+    """
     from tqdm import tqdm
 
-    jobs = [("phantom", seed, int(i), spacing, spec.model_dump(mode="json"), jitter) for i in indices]
+    jobs = [("phantom", seed, int(i), spacing, spec.model_dump(mode="json"), jitter,
+             str(segmenter) if segmenter else None) for i in indices]
     out: list[Window] = []
     bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress)
     if workers > 1:
@@ -229,9 +257,13 @@ def phantom_windows(
                 out.extend(wins)
                 bar.update()
     else:
-        for job in jobs:
-            out.extend(_windows_worker(job))
-            bar.update()
+        threads = torch.get_num_threads()  # the worker pins one thread; the caller's training needs its own
+        try:
+            for job in jobs:
+                out.extend(_windows_worker(job))
+                bar.update()
+        finally:
+            torch.set_num_threads(threads)
     bar.close()
     return out
 
@@ -331,6 +363,7 @@ class TrainConfig:
     val_fraction: float = 0.2  # of the directory cases kept for calibration
     dictionary: dict[str, dict[str, list[str]]] | None = None  # organ -> {"normal"|finding: [texts]}
     init_from: str | None = None  # fine-tune: start from this checkpoint's weights (see init_from_checkpoint)
+    segmenter: str | None = None  # cut windows on this MONAI bundle's predicted masks, not the true labels
 
     def to_json(self) -> dict:
         """JSON-serialisable form (stored in checkpoints)."""
@@ -694,21 +727,37 @@ def _cached(path: Path, make: Callable[[], list[Window]]) -> list[Window]:
     return windows
 
 
+def segmenter_fingerprint(bundle_dir: str | Path | None) -> str | None:
+    """A hash of a bundle's configs and weights, so cached windows follow a changed segmenter."""
+    if not bundle_dir:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(bundle_dir)
+    for p in sorted([*root.glob("configs/*.json"), *root.glob("models/*.pt")]):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def load_windows(spec: ModelSpec, config: TrainConfig) -> tuple[list[Window], list[Window]]:
     """Training and validation windows from phantoms (disjoint seeds) or from a directory."""
     if config.data_dir is None:
         import hashlib
 
         key = json.dumps([spec.preprocess.model_dump(mode="json"), spec.vision.patch, spec.organs,
-                          sorted(spec.findings)], sort_keys=True)
+                          sorted(spec.findings), segmenter_fingerprint(config.segmenter)], sort_keys=True)
         tag = hashlib.sha256(key.encode()).hexdigest()[:10]
         out = Path(config.out_dir)
         train = _cached(out / f"windows-{config.train_seed}-{config.n_train}-j{config.jitter}-{tag}.pkl",
                         lambda: phantom_windows(spec, config.train_seed, range(config.n_train), config.jitter,
-                                                config.workers, progress=config.progress, desc="training phantoms"))
+                                                config.workers, progress=config.progress, desc="training phantoms",
+                                                segmenter=config.segmenter))
         val = _cached(out / f"windows-{config.val_seed}-{config.n_val}-j0-{tag}.pkl",
                       lambda: phantom_windows(spec, config.val_seed, range(config.n_val), 0, config.workers,
-                                              progress=config.progress, desc="validation phantoms"))
+                                              progress=config.progress, desc="validation phantoms",
+                                              segmenter=config.segmenter))
         return train, val
     rng = np.random.default_rng(config.seed)
     cases = list(directory_cases(config.data_dir))
@@ -717,6 +766,8 @@ def load_windows(spec: ModelSpec, config: TrainConfig) -> tuple[list[Window], li
     val_ids = {cases[i].case_id for i in order[:n_val]}
     train, val = [], []
     for c in cases:
+        if config.segmenter:
+            c = segmented(c, config.segmenter)
         target = val if c.case_id in val_ids else train
         target.extend(case_windows(c, spec, rng, 0 if c.case_id in val_ids else config.jitter))
     return train, val
@@ -799,10 +850,15 @@ def calibrate(model: OrganVLP, windows: Sequence[Window]) -> tuple[dict[str, flo
 
 
 def evaluate_heldout(
-    model: OrganVLP, seed: int, n: int, workers: int = 1, progress: bool = True
+    model: OrganVLP, seed: int, n: int, workers: int = 1, progress: bool = True,
+    segmenter: str | Path | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of a trained model on ground-truth windows of ``n`` fresh balanced phantoms of set ``seed``."""
-    windows = phantom_windows(model.spec, seed, range(n), 0, workers, progress=progress, desc="held-out phantoms")
+    """Metrics of a trained model on windows of ``n`` fresh balanced phantoms of set ``seed``.
+
+    Windows are cut on the ground-truth labels, or on the masks of the MONAI bundle ``segmenter``.
+    """
+    windows = phantom_windows(model.spec, seed, range(n), 0, workers, progress=progress, desc="held-out phantoms",
+                              segmenter=segmenter)
     probs = window_probabilities(model, windows)
     return finding_metrics(windows, probs, model.spec.thresholds)
 
@@ -854,6 +910,10 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--mask-jitter", type=float, default=0.0, metavar="P",
                         help="probability that a window's organ mask is grown or shrunk by one voxel at a step, "
                              "so the model tolerates a segmenter's borders (default 0)")
+    parser.add_argument("--segmenter", default=None, metavar="BUNDLE",
+                        help="cut the organ windows on the masks this MONAI bundle predicts (e.g. "
+                             "ai_core/models/demo_seg) instead of the ground-truth labels, for training, "
+                             "calibration and the held-out score, as fVLM trains on TotalSegmentator masks")
     parser.add_argument("--model-version", default=None,
                         help="version written into the model's spec (default: the demo spec's)")
     parser.add_argument("--eval-cases", type=int, default=40,
@@ -891,7 +951,11 @@ def run_cli(args) -> int:
         lr=args.lr, threads=args.threads, workers=args.workers, device=args.device, resume=not args.no_resume,
         data_dir=Path(args.data_dir) if args.data_dir else None,
         init_from=str(Path(args.init).resolve()) if args.init else None, mask_jitter=args.mask_jitter,
+        segmenter=str(Path(args.segmenter).resolve()) if args.segmenter else None,
     )
+    if config.segmenter and not (Path(config.segmenter) / "configs" / "inference.json").is_file():
+        raise ValueError(f"--segmenter {args.segmenter}: not a MONAI bundle directory (configs/inference.json "
+                         "is missing)")
     t0 = time.perf_counter()
     model_path = train_vlp(spec, config)
     seconds = time.perf_counter() - t0
@@ -912,12 +976,14 @@ def run_cli(args) -> int:
     metrics, what = record["validation"], "calibration split"
     if args.eval_cases > 0 and config.data_dir is None:
         model, _ = load_checkpoint(out / "model.pt")
-        metrics = evaluate_heldout(model, args.eval_seed, args.eval_cases, args.workers)
+        metrics = evaluate_heldout(model, args.eval_seed, args.eval_cases, args.workers,
+                                   segmenter=config.segmenter)
         what = f"{args.eval_cases} held-out phantoms of set {args.eval_seed}"
         record["held_out"] = {"seed": args.eval_seed, "cases": args.eval_cases, "metrics": metrics}
         (out / "training.json").write_text(json.dumps(record, indent=2))
     macro, worst = summarize(metrics)
-    print(f"{what} (ground-truth organ windows): finding, AUC, sensitivity, specificity, threshold")
+    masks = "segmenter" if config.segmenter else "ground-truth"
+    print(f"{what} ({masks} organ windows): finding, AUC, sensitivity, specificity, threshold")
     for key, m in metrics.items():
         print(f"  {key:32s} {m.get('auc', float('nan')):.3f}  {m.get('sensitivity', float('nan')):.2f}  "
               f"{m.get('specificity', float('nan')):.2f}  {record['thresholds'].get(key, 0.5):.3f}")

@@ -33,6 +33,8 @@ def add_arguments(parser) -> None:
                      help="network grid spacing in mm (default 3 3 4)")
     seg.add_argument("--channels", type=int, nargs="+", default=(8, 16, 32, 64),
                      help="UNet channels per level (default 8 16 32 64)")
+    seg.add_argument("--res-units", type=int, default=1,
+                     help="residual units per UNet level (default 1); more widen each level's receptive field")
     seg.add_argument("--phantom-spacing", type=float, nargs=3, action="append", default=None,
                      metavar=("X", "Y", "Z"), help="generate training phantoms at this spacing in mm "
                      "(repeatable; default: a mix from 1.5 x 1.5 x 3 to 3 x 3 x 4.5)")
@@ -107,7 +109,8 @@ def _run_segmentation(args) -> int:
     config = SegTrainConfig(
         work_dir=Path(args.work_dir), seed=args.seed, train_cases=args.train_cases, val_cases=args.val_cases,
         steps=args.steps, batch_size=args.batch_size, patch=tuple(args.patch), lr=args.lr,
-        spacing=tuple(args.spacing), channels=tuple(args.channels), checkpoint_every=args.checkpoint_every,
+        spacing=tuple(args.spacing), channels=tuple(args.channels), num_res_units=args.res_units,
+        checkpoint_every=args.checkpoint_every,
         threads=args.threads, balanced_findings=args.balanced_findings,
         init_from=str(Path(args.init).resolve()) if args.init else None,
         **({"phantom_spacings": tuple(tuple(s) for s in args.phantom_spacing)} if args.phantom_spacing else {}),
