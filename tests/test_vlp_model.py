@@ -269,29 +269,6 @@ def test_focal_path_pools_only_the_organs_voxels():
         tiny_spec().with_updates(vision=base.vision.model_copy(update={"focal": (4,), "patch": (3, 3, 3)}))
 
 
-def test_focal_low_fraction_pools_the_mean_of_the_cores_lowest_values():
-    base = tiny_spec()
-    vision = base.vision.model_copy(update={"mask_channel": True, "focal": (4, 4)})
-    torch.manual_seed(9)
-    plain = build_model(base.with_updates(vision=vision)).eval()
-    low = build_model(base.with_updates(vision=vision.model_copy(update={"focal_low_fraction": 0.05}))).eval()
-    low.load_state_dict(plain.state_dict())  # the option changes no weight
-    image, labels = _window(9)
-    mask = labels[0] == 1
-    with torch.no_grad():
-        levels = plain.image_levels(image, mask[None])
-        core = organ_core_mask(mask, (2, 2, 2))
-        values = levels.focal[0].flatten(1)[:, core]
-        k = max(4, int(0.05 * values.shape[1]))
-        hidden = plain.spec.vision.hidden
-        got_plain = plain.pool_organ(levels, 0, 0, mask)[hidden + 4:]
-        got_low = low.pool_organ(levels, 0, 0, mask)[hidden + 4:]
-        assert torch.allclose(got_plain, values.amin(1))
-        assert torch.allclose(got_low, values.sort(1).values[:, :k].mean(1))
-        assert (got_low > got_plain).all()  # one voxel no longer decides it
-        assert torch.equal(plain.pool_organ(levels, 0, 0, mask)[:hidden + 4], low.pool_organ(levels, 0, 0, mask)[:hidden + 4])
-
-
 def test_relative_channel_is_the_organs_contrast_to_its_own_median():
     base = tiny_spec()
     spec = base.with_updates(vision=base.vision.model_copy(update={"mask_channel": True, "relative_channel": True,

@@ -179,20 +179,18 @@ def init_from_checkpoint(model: OrganVLP, path: str | Path) -> list[str]:
 
     The spec may differ from the checkpoint's only by more encoder input channels
     (``vision.relative_channel``, ``vision.lesion_scales_mm``, appended after the channels the
-    checkpoint knows), and by ``vision.focal_low_fraction``: the first convolutions get zero
-    weights for the new channels, so the model starts out computing what the earlier one did.
+    checkpoint knows): the first convolutions get zero weights for the new
+    channels, so the model starts out computing exactly what the earlier one did.
     """
     payload = read_checkpoint(path)
     old = ModelSpec.model_validate(payload["spec"])
     new = model.spec
     keys = ("organs", "embed_dim", "pooling", "text")
-    # focal_low_fraction changes how features are pooled, not any weight
-    ignore = {"relative_channel", "relative_scale_hu", "lesion_scales_mm", "focal_low_fraction"}
+    ignore = {"relative_channel", "relative_scale_hu", "lesion_scales_mm"}
     if (old.model_dump(include=set(keys)) != new.model_dump(include=set(keys))
             or old.vision.model_dump(exclude=ignore) != new.vision.model_dump(exclude=ignore)):
         raise CheckpointError(f"{path} is another architecture than the model to fine-tune; only input "
-                              "channels may be added (vision.relative_channel, vision.lesion_scales_mm) "
-                              "and the focal pooling changed (vision.focal_low_fraction)")
+                              "channels may be added (vision.relative_channel, vision.lesion_scales_mm)")
     ov, nv = old.vision, new.vision
     # New channels are appended after the old ones: the old ones must keep their places.
     relative_lost = ov.relative_channel and (not nv.relative_channel or nv.relative_scale_hu != ov.relative_scale_hu)

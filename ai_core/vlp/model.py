@@ -283,14 +283,7 @@ class OrganVLP(nn.Module):
         # lowers a minimum in its core, where the organ's own border (partial volume with the fat
         # around it) cannot look like one. Their own channels, not added to the tokens' ones:
         # standardised apart (batch_norm), a few voxels are not drowned by the whole organ's look.
-        inner = fmap[:, core]
-        fraction = self.spec.vision.focal_low_fraction
-        if fraction > 0:
-            k = min(inner.shape[1], max(4, int(fraction * inner.shape[1])))
-            low = inner.topk(k, dim=1, largest=False).values.mean(1)
-        else:
-            low = inner.amin(1)
-        return torch.cat([pooled, fmap[:, touched].amax(1), low])
+        return torch.cat([pooled, fmap[:, touched].amax(1), fmap[:, core].amin(1)])
 
     def project_image(self, pooled: torch.Tensor, organ: int) -> torch.Tensor:
         """Organ projection and L2 normalisation of pooled features (C,) or (N, C) of one organ."""

@@ -62,11 +62,6 @@ class VisionSpec(_Frozen):
     # confound it with a whole organ that is darker (a fatty liver is 20-40 HU below a normal
     # one). Needs mask_channel. Not in fVLM.
     relative_channel: bool = False
-    # Pool the focal path's minimum over the organ core as the mean of this fraction of its lowest
-    # values (at least 4 voxels) instead of the single lowest one: a lesion of several voxels lowers
-    # that mean more than one noisy voxel does, and training reaches all of its voxels, not one.
-    # 0: the plain minimum. Changes no weights. Not in fVLM.
-    focal_low_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     relative_scale_hu: float = Field(50.0, gt=0)
     # More input channels: the relative contrast averaged over the organ's own voxels around each
     # voxel, with a Gaussian of each of these sigmas (mm; a normalised convolution, so the organ's
