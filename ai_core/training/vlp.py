@@ -910,6 +910,9 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--mask-jitter", type=float, default=0.0, metavar="P",
                         help="probability that a window's organ mask is grown or shrunk by one voxel at a step, "
                              "so the model tolerates a segmenter's borders (default 0)")
+    parser.add_argument("--noise", type=float, default=0.01, metavar="STD",
+                        help="std of the Gaussian noise added to the 0..1 input at each step (default 0.01, "
+                             "20 HU on the demo's -1000..1000 scale); lower it when subtle contrasts matter")
     parser.add_argument("--segmenter", default=None, metavar="BUNDLE",
                         help="cut the organ windows on the masks this MONAI bundle predicts (e.g. "
                              "ai_core/models/demo_seg) instead of the ground-truth labels, for training, "
@@ -941,6 +944,8 @@ def run_cli(args) -> int:
         spec = spec.with_updates(version=args.model_version)
     if args.pooling != spec.pooling.kind:
         spec = spec.with_updates(pooling={**spec.pooling.model_dump(), "kind": args.pooling})
+    if args.noise < 0:
+        raise ValueError(f"--noise {args.noise}: give a standard deviation of 0 or more")
     if not 0.0 <= args.mask_jitter <= 1.0:
         raise ValueError(f"--mask-jitter {args.mask_jitter} is a probability: give a value from 0 to 1")
     if min(args.train_cases, args.val_cases, args.epochs, args.batch_cases) < 1:
@@ -951,7 +956,7 @@ def run_cli(args) -> int:
         lr=args.lr, threads=args.threads, workers=args.workers, device=args.device, resume=not args.no_resume,
         data_dir=Path(args.data_dir) if args.data_dir else None,
         init_from=str(Path(args.init).resolve()) if args.init else None, mask_jitter=args.mask_jitter,
-        segmenter=str(Path(args.segmenter).resolve()) if args.segmenter else None,
+        segmenter=str(Path(args.segmenter).resolve()) if args.segmenter else None, noise=args.noise,
     )
     if config.segmenter and not (Path(config.segmenter) / "configs" / "inference.json").is_file():
         raise ValueError(f"--segmenter {args.segmenter}: not a MONAI bundle directory (configs/inference.json "
