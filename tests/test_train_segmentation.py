@@ -84,6 +84,26 @@ def test_cli_trains_and_exports(tmp_path, capsys):
     assert (tmp_path / "b" / "models" / "model.pt").is_file()
 
 
+def test_device_is_an_option_and_a_missing_gpu_is_named(tmp_path, capsys):
+    """Both trainers take --device; auto falls back to the CPU, cuda without a GPU is a one-line error."""
+    from dicom_node.cli import main
+
+    small = ["--steps", "1", "--train-cases", "1", "--val-cases", "1", "--patch", "16", "16", "16",
+             "--spacing", "8", "8", "8", "--channels", "4", "8", "--phantom-spacing", "6", "6", "6",
+             "--threads", "1", "--eval-cases", "0", "--no-export"]
+    assert main(["train", "segmentation", "--work-dir", str(tmp_path / "a"), "--device", "auto", *small]) == 0
+    if torch.cuda.is_available():  # a GPU machine: cuda trains like auto did
+        assert main(["train", "segmentation", "--work-dir", str(tmp_path / "c"), "--device", "cuda", *small]) == 0
+        return
+    capsys.readouterr()
+    assert main(["train", "segmentation", "--work-dir", str(tmp_path / "c"), "--device", "cuda", *small]) == 2
+    assert "torch sees no GPU" in capsys.readouterr().err
+    assert main(["train", "vlp", "--work-dir", str(tmp_path / "v"), "--device", "cuda", "--train-cases", "1",
+                 "--val-cases", "1", "--epochs", "1", "--eval-cases", "0", "--workers", "1"]) == 2
+    assert "torch sees no GPU" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists() or not list((tmp_path / "v").glob("windows-*"))
+
+
 def test_fine_tuning_starts_from_a_bundle_and_refuses_another_network(tmp_path):
     config = tiny(tmp_path, steps=1)
     net, dice = train_segmentation(config, progress=False)

@@ -60,6 +60,7 @@ class SegTrainConfig:
     organ_fraction: float = 0.9  # patches centred on a (uniformly chosen) organ, else anywhere
     checkpoint_every: int = 100
     threads: int = 2
+    device: str = "cpu"  # cpu, cuda or auto (cuda when torch sees a GPU)
     phantom_spacings: tuple[tuple[float, float, float], ...] = TRAIN_SPACINGS  # generation grids
     organs: tuple[str, ...] = field(default_factory=tuple)  # default: every phantom organ
     # Draw training and validation phantoms from balanced finding sets (each finding present in
@@ -231,9 +232,10 @@ def predict(network: torch.nn.Module, image: np.ndarray, roi_size: Sequence[int]
     inferer = SlidingWindowInferer(roi_size=list(roi_size), sw_batch_size=1, overlap=0.25, mode="gaussian",
                                    padding_mode="replicate")
     network.eval()
+    device = next(network.parameters()).device
     with torch.inference_mode():
-        logits = inferer(torch.from_numpy(image.astype(np.float32))[None], network)
-    return logits[0].numpy().argmax(0).astype(np.uint8)
+        logits = inferer(torch.from_numpy(image.astype(np.float32))[None].to(device), network)
+    return logits[0].cpu().numpy().argmax(0).astype(np.uint8)
 
 
 def evaluate(network: torch.nn.Module, cases: Sequence[TrainCase], config: SegTrainConfig) -> dict[str, float]:
@@ -282,18 +284,21 @@ def train_segmentation(
     """Train (or resume) and return the network and the last validation Dice per organ."""
     from monai.losses import DiceCELoss
 
+    from ai_core.pipeline import resolve_device
+
     torch.set_num_threads(max(1, config.threads))
+    device = torch.device(resolve_device(config.device))
     config.work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = config.work_dir / CHECKPOINT
     torch.manual_seed(config.seed)
-    network = build_network(config)
+    network = build_network(config).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step, history = 0, []
     rng = np.random.default_rng(config.seed)
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         # The run's length, checkpoint interval and threads may change on resume; nothing else.
-        free = {"steps", "checkpoint_every", "threads"}
+        free = {"steps", "checkpoint_every", "threads", "device"}
         saved, now = json.loads(json.dumps(state["config"])), config.to_json()
         changed = sorted(k for k in saved if k not in free and saved[k] != now.get(k))
         if changed:
@@ -325,8 +330,8 @@ def train_segmentation(
             g["lr"] = lr
         batch = [sample_patch(train[int(rng.integers(len(train)))], config.patch, rng, n_classes,
                               config.organ_fraction) for _ in range(config.batch_size)]
-        x = torch.from_numpy(np.stack([augment(b[0], rng) for b in batch]))
-        y = torch.from_numpy(np.stack([b[1] for b in batch]))[:, None]
+        x = torch.from_numpy(np.stack([augment(b[0], rng) for b in batch])).to(device)
+        y = torch.from_numpy(np.stack([b[1] for b in batch]))[:, None].to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(network(x), y)
         loss.backward()
@@ -362,7 +367,7 @@ def export_bundle(config: SegTrainConfig, network: torch.nn.Module, out_dir: Pat
     return write_bundle(
         out_dir,
         network_def=config.network_def(),
-        state_dict=network.state_dict(),
+        state_dict={k: v.cpu() for k, v in network.state_dict().items()},  # loads without a GPU
         channel_def=config.channel_def(),
         spacing=config.spacing,
         hu_ranges=config.hu_ranges,

@@ -896,7 +896,7 @@ def add_cli_arguments(parser) -> None:
                         help="train on case folders (image.nii.gz or series/, labels.nii.gz, truth.json) instead")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when torch sees a GPU; default cpu)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     parser.add_argument("--init", default=None, metavar="MODEL_PT",
                         help="fine-tune: start from this model.pt instead of random weights (same architecture, "
@@ -930,6 +930,8 @@ def run_cli(args) -> int:
     import shutil
     import sys
 
+    from ai_core.pipeline import resolve_device
+
     logging.getLogger("ai_core").setLevel(logging.INFO)
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "models" / "demo_vlp"
     try:
@@ -953,7 +955,8 @@ def run_cli(args) -> int:
     config = TrainConfig(
         out_dir=Path(args.work_dir), seed=args.seed, train_seed=args.train_seed, val_seed=args.val_seed,
         n_train=args.train_cases, n_val=args.val_cases, epochs=args.epochs, batch_cases=args.batch_cases,
-        lr=args.lr, threads=args.threads, workers=args.workers, device=args.device, resume=not args.no_resume,
+        lr=args.lr, threads=args.threads, workers=args.workers, device=resolve_device(args.device),
+        resume=not args.no_resume,
         data_dir=Path(args.data_dir) if args.data_dir else None,
         init_from=str(Path(args.init).resolve()) if args.init else None, mask_jitter=args.mask_jitter,
         segmenter=str(Path(args.segmenter).resolve()) if args.segmenter else None, noise=args.noise,

@@ -33,6 +33,7 @@ def add_arguments(parser) -> None:
                      help="network grid spacing in mm (default 3 3 4)")
     seg.add_argument("--channels", type=int, nargs="+", default=(8, 16, 32, 64),
                      help="UNet channels per level (default 8 16 32 64)")
+    seg.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when torch sees a GPU; default cpu)")
     seg.add_argument("--res-units", type=int, default=1,
                      help="residual units per UNet level (default 1); more widen each level's receptive field")
     seg.add_argument("--phantom-spacing", type=float, nargs=3, action="append", default=None,
@@ -111,7 +112,7 @@ def _run_segmentation(args) -> int:
         steps=args.steps, batch_size=args.batch_size, patch=tuple(args.patch), lr=args.lr,
         spacing=tuple(args.spacing), channels=tuple(args.channels), num_res_units=args.res_units,
         checkpoint_every=args.checkpoint_every,
-        threads=args.threads, balanced_findings=args.balanced_findings,
+        threads=args.threads, device=args.device, balanced_findings=args.balanced_findings,
         init_from=str(Path(args.init).resolve()) if args.init else None,
         **({"phantom_spacings": tuple(tuple(s) for s in args.phantom_spacing)} if args.phantom_spacing else {}),
     )
