@@ -121,7 +121,7 @@ def test_dict_wrapper_matches_array_logic():
     labels[0, 6:8, 12:14, 20:25] = 2
     config = CropConfig(window=(8, 16, 16), patch=(4, 8, 8))
     out = OrganWindowd("liver", {"liver": 1, "spleen": 2}, config)({"image": image, "label": labels})
-    start, size = out["window_start"], out["image"].shape[1:]
+    start = out["window_start"]
     win, masks = crop_window(image[0], labels[0], start, (8, 16, 16), (4, 8, 8), {"liver": 1, "spleen": 2, "x": 3})
     np.testing.assert_array_equal(out["image"], win)
     np.testing.assert_array_equal(out["label"][0] == 1, masks["liver"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ai_core.encode.readback import read_sr_findings
 from ai_core.phantom.generator import generate_case, write_case
 from storage.models import Result
 from tests.nodeproc import NodeProcess
-from tests.peers import PEER_ENV, Orthanc, require_tool, storescu
+from tests.peers import Orthanc, storescu
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
 from ai_core.phantom.series import make_ct_series
-from tests.nodeproc import NodeProcess, dataset_bytes_after_meta, scu
+from tests.nodeproc import NodeProcess, dataset_bytes_after_meta
 from tests.peers import PEER_ENV, Orthanc, StoreSCP, require_tool, storescu
 
 

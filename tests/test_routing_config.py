@@ -5,9 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 from pydicom import Dataset
