@@ -218,3 +218,22 @@ def test_windows_cut_on_a_segmenters_masks_follow_its_prediction_not_the_truth(t
     assert wins["liver"].report is not None and wins["liver"].report.text == gt["liver"].report.text
     assert segmenter_fingerprint(None) is None
     assert segmenter_fingerprint(DEMO_BUNDLE) != segmenter_fingerprint(tmp_path)
+
+
+def test_cli_names_an_unusable_segmenter_before_making_any_window(tmp_path, capsys):
+    import shutil
+
+    from ai_core.segmentation import DEMO_BUNDLE
+    from dicom_node.cli import main
+
+    no_weights = tmp_path / "bundle"
+    shutil.copytree(DEMO_BUNDLE / "configs", no_weights / "configs")
+    for bundle, says in ((tmp_path / "empty", "is not a MONAI bundle"), (no_weights, "weights of bundle")):
+        bundle.mkdir(exist_ok=True)
+        rc = main(["train", "vlp", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "out"),
+                   "--segmenter", str(bundle), "--train-cases", "1", "--val-cases", "1", "--epochs", "1",
+                   "--eval-cases", "0", "--workers", "1"])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert "--segmenter" in err and says in err and "Traceback" not in err
+    assert not list((tmp_path / "w").glob("windows-*"))

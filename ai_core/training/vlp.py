@@ -201,15 +201,24 @@ def case_windows(case: TrainCase, spec: ModelSpec, rng: np.random.Generator, jit
 _SEGMENTERS: dict[str, Any] = {}  # bundle directory -> loaded segmenter, one per worker process
 
 
-def segmented(case: TrainCase, bundle_dir: str | Path) -> TrainCase:
-    """``case`` with its label map replaced by the prediction of the MONAI bundle ``bundle_dir``."""
-    from ai_core.segmentation.monai_bundle import MonaiBundleSegmenter
-    from ai_core.volume import CTVolume
+def load_segmenter(bundle_dir: str | Path):
+    """The MONAI bundle ``bundle_dir`` as a segmenter, loaded once per process.
+
+    Raises ``ai_core.segmentation.SegmentationError`` naming what is wrong with the bundle.
+    """
+    from ai_core.segmentation import make_segmenter
 
     key = str(Path(bundle_dir).resolve())
     if key not in _SEGMENTERS:
-        _SEGMENTERS[key] = MonaiBundleSegmenter(key)
-    seg = _SEGMENTERS[key].segment(CTVolume(image=case.image, files=[], study_uid="", series_uid=case.case_id,
+        _SEGMENTERS[key] = make_segmenter("monai_bundle", bundle_dir=key)
+    return _SEGMENTERS[key]
+
+
+def segmented(case: TrainCase, bundle_dir: str | Path) -> TrainCase:
+    """``case`` with its label map replaced by the prediction of the MONAI bundle ``bundle_dir``."""
+    from ai_core.volume import CTVolume
+
+    seg = load_segmenter(bundle_dir).segment(CTVolume(image=case.image, files=[], study_uid="", series_uid=case.case_id,
                                             frame_of_reference_uid=None))
     # only organs the case has ground truth for: the others have no report to pair with
     organ_labels = {o: v for o, v in seg.organ_labels.items() if o in case.organ_labels}
@@ -961,9 +970,13 @@ def run_cli(args) -> int:
         init_from=str(Path(args.init).resolve()) if args.init else None, mask_jitter=args.mask_jitter,
         segmenter=str(Path(args.segmenter).resolve()) if args.segmenter else None, noise=args.noise,
     )
-    if config.segmenter and not (Path(config.segmenter) / "configs" / "inference.json").is_file():
-        raise ValueError(f"--segmenter {args.segmenter}: not a MONAI bundle directory (configs/inference.json "
-                         "is missing)")
+    if config.segmenter:
+        from ai_core.segmentation import SegmentationError
+
+        try:  # a bundle that cannot be used fails now, not in a worker after the first phantom
+            load_segmenter(config.segmenter)
+        except SegmentationError as exc:
+            raise ValueError(f"--segmenter {args.segmenter}: {exc}") from exc
     t0 = time.perf_counter()
     model_path = train_vlp(spec, config)
     seconds = time.perf_counter() - t0
@@ -973,6 +986,9 @@ def run_cli(args) -> int:
     if config.init_from:
         # the chain of runs that made a fine-tuned model stays known: keep its parent's record
         parent = Path(config.init_from).with_name("training.json")
+        if not parent.is_file():
+            log.warning("no training.json beside --init %s: the new record cannot name the runs that made it",
+                        config.init_from)
         record["initial_weights"] = {"path": config.init_from,
                                      **({"training": json.loads(parent.read_text())} if parent.is_file() else {})}
     out.mkdir(parents=True, exist_ok=True)
