@@ -3,9 +3,11 @@
 Sends the same 300-slice 512×512 CT series with storescu (TCP_NODELAY=1, same max PDU for all) to
 the node, to storescp and to Orthanc: once over one association, once as four concurrent
 associations (four copies with distinct UIDs). Then exports the series from the node (its own
-SCU code) and from Orthanc (REST /modalities/.../store) to storescp.
+SCU code, over ``--export-associations`` associations) and from Orthanc (REST
+/modalities/.../store, one association) to a storescp that forks a child per association.
 
     python benchmarks/ingest.py [--slices 300] [--size 512] [--keep] [--receive-processes 2]
+                                [--export-associations 1]
 
 Its working directory (~5 GB for 300 slices: sources, copies and what each peer stored) is removed
 at the end unless ``--keep`` is given.
@@ -91,6 +93,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
     ap.add_argument("--receive-processes", type=int, default=2,
                     help="the node's network.receive_processes (default 2; 0: the node process receives)")
+    ap.add_argument("--export-associations", type=int, default=1,
+                    help="the export destination's associations (default 1, as the node's default)")
     args = ap.parse_args()
     return run_in_workdir("ctvlp-bench-", args, run)
 
@@ -102,13 +106,17 @@ def run(args: argparse.Namespace, work: Path) -> int:
     four = [copies(src, work / f"four{t}", 4) for t in range(3)]
     n = len(src)
     print(f"series: {n} slices {args.size}x{args.size}, {sum(f.stat().st_size for f in src) / 2**20:.0f} MB; "
-          f"max PDU {MAX_PDU}; node receive_processes {args.receive_processes}")
+          f"max PDU {MAX_PDU}; node receive_processes {args.receive_processes}; "
+          f"export associations {args.export_associations}")
     results: dict[str, float] = {}
     cpu_ms: dict[str, float] = {}  # CPU time of the receiving process per image
-    with StoreSCP(work / "scp", max_pdu=MAX_PDU) as scp, Orthanc(
-            work / "orthanc", aet="ORTHANC", modalities={"SCP": (scp.aet, "127.0.0.1", scp.port)}) as orthanc, \
+    # the export target forks a child per association, as a PACS serves associations at once
+    with StoreSCP(work / "scp", max_pdu=MAX_PDU) as scp, \
+            StoreSCP(work / "export", aet="EXPORTSCP", max_pdu=MAX_PDU, extra_args=["--fork"]) as xscp, Orthanc(
+            work / "orthanc", aet="ORTHANC", modalities={"SCP": (xscp.aet, "127.0.0.1", xscp.port)}) as orthanc, \
             NodeProcess(work / "node", stable_after=30, workers=0,
-                        destinations={"scp": {"ae_title": scp.aet, "host": "127.0.0.1", "port": scp.port}},
+                        destinations={"scp": {"ae_title": xscp.aet, "host": "127.0.0.1", "port": xscp.port,
+                                              "associations": args.export_associations}},
                         extra={"network": {"receive_processes": args.receive_processes}}) as node:
         targets = {"node": (node.port, node.ae_title, node.proc.pid), "storescp": (scp.port, scp.aet, scp.proc.pid),
                    "orthanc": (orthanc.dicom_port, orthanc.aet, orthanc.proc.pid)}

@@ -1,4 +1,4 @@
-"""The Storage SCU: send stored files to a destination over one association.
+"""The Storage SCU: send stored files to a destination over one or more concurrent associations.
 
 Files go out as stored (raw bytes, no decoding) when the peer accepts their transfer syntax;
 otherwise they are decompressed and sent as Explicit VR Little Endian.
@@ -7,6 +7,8 @@ otherwise they are decompressed and sent as Explicit VR Little Endian.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 # Send files as their encoded bytes without decoding them (a supported pynetdicom setting).
 _config.STORE_SEND_CHUNKED_DATASET = True
 MAX_CONTEXTS = 128
+# Fewer files than this per association and opening another costs more than it saves.
+MIN_PER_ASSOCIATION = 16
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
@@ -77,35 +81,76 @@ def _accepted(assoc) -> dict[tuple[str, str], bool]:
 
 
 def send_files(dest: Destination, items: Iterable[Outgoing], *, calling_ae: str) -> dict[str, SendOutcome]:
-    """C-STORE each file to ``dest`` over one association; returns an outcome per SOP Instance UID.
+    """C-STORE each file to ``dest``; returns an outcome per SOP Instance UID.
 
-    Raises ``DeliveryError`` when no association can be established.
+    Up to ``dest.associations`` associations run at once, taking files from one queue, so one the
+    peer refuses or drops leaves its share to the others. Raises ``DeliveryError`` when the first
+    association cannot be established.
     """
     pynetdicom_tuning.apply()
     items = list(items)
     outcomes: dict[str, SendOutcome] = {}
     if not items:
         return outcomes
+    contexts = _contexts(items)
+    # The first association alone, then the others: a peer that limits associations per calling
+    # AE accepts the first, instead of refusing all of them when they arrive together.
+    first = _associate(dest, contexts, calling_ae)
+    queue: deque[Outgoing] = deque(items)
+    refusals: list[str] = []
+    n = max(1, min(dest.associations, len(items) // MIN_PER_ASSOCIATION))
+    threads = [threading.Thread(target=_open_and_drain, args=(dest, contexts, queue, outcomes, refusals, calling_ae),
+                                name=f"send-{dest.ae_title}-{i}") for i in range(1, n)]
+    for t in threads:
+        t.start()
+    _drain(first, queue, outcomes)
+    for t in threads:
+        t.join()
+    if refusals:
+        log.warning("%s: %d of %d associations not established (%s); sent over the others",
+                    dest.ae_title, len(refusals), n, refusals[0])
+    for it in queue:  # every association was lost before these were sent
+        outcomes[it.sop_instance_uid] = SendOutcome(None, "association lost")
+    return outcomes
+
+
+def _associate(dest: Destination, contexts: list, calling_ae: str):
+    """An established association to ``dest``, or ``DeliveryError`` saying why there is none."""
     ae = AE(ae_title=calling_ae)
     ae.maximum_pdu_size = dest.max_pdu
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout
-    ae.requested_contexts = _contexts(items)
+    ae.requested_contexts = contexts
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     if not assoc.is_established:
         why = "rejected the association" if assoc.is_rejected else "did not answer (connection refused or timed out)"
         raise DeliveryError(f"{dest.ae_title}@{dest.host}:{dest.port} {why}")
+    return assoc
+
+
+def _drain(assoc, queue: deque[Outgoing], outcomes: dict[str, SendOutcome]) -> None:
+    """Send files from ``queue`` over ``assoc`` until the queue is empty or the association lost; release it."""
     try:
         accepted = _accepted(assoc)
-        for it in items:
-            if not assoc.is_established:
-                outcomes[it.sop_instance_uid] = SendOutcome(None, "association lost")
-                continue
+        while assoc.is_established:
+            try:
+                it = queue.popleft()  # atomic: two associations never send the same file
+            except IndexError:
+                break
             outcomes[it.sop_instance_uid] = _send_one(assoc, accepted, it)
     finally:
         if assoc.is_established:
             assoc.release()
-    return outcomes
+
+
+def _open_and_drain(dest: Destination, contexts: list, queue: deque[Outgoing], outcomes: dict[str, SendOutcome],
+                    refusals: list[str], calling_ae: str) -> None:
+    try:
+        assoc = _associate(dest, contexts, calling_ae)
+    except DeliveryError as exc:
+        refusals.append(str(exc))
+        return
+    _drain(assoc, queue, outcomes)
 
 
 def _send_one(assoc, accepted: dict, it: Outgoing) -> SendOutcome:
