@@ -109,8 +109,8 @@ def send_files(dest: Destination, items: Iterable[Outgoing], *, calling_ae: str)
     if refusals:
         log.warning("%s: %d of %d associations not established (%s); sent over the others",
                     dest.ae_title, len(refusals), n, refusals[0])
-    for it in queue:  # every association was lost before these were sent
-        outcomes[it.sop_instance_uid] = SendOutcome(None, "association lost")
+    for it in items:  # left in the queue when every association was lost
+        outcomes.setdefault(it.sop_instance_uid, SendOutcome(None, "association lost"))
     return outcomes
 
 
@@ -137,7 +137,11 @@ def _drain(assoc, queue: deque[Outgoing], outcomes: dict[str, SendOutcome]) -> N
                 it = queue.popleft()  # atomic: two associations never send the same file
             except IndexError:
                 break
-            outcomes[it.sop_instance_uid] = _send_one(assoc, accepted, it)
+            try:
+                outcomes[it.sop_instance_uid] = _send_one(assoc, accepted, it)
+            except Exception as exc:  # in a sending thread it would vanish with the thread: say so
+                log.exception("sending %s to %s failed", it.path.name, assoc.acceptor.ae_title)
+                outcomes[it.sop_instance_uid] = SendOutcome(None, f"{type(exc).__name__}: {exc}")
     finally:
         if assoc.is_established:
             assoc.release()
@@ -147,8 +151,8 @@ def _open_and_drain(dest: Destination, contexts: list, queue: deque[Outgoing], o
                     refusals: list[str], calling_ae: str) -> None:
     try:
         assoc = _associate(dest, contexts, calling_ae)
-    except DeliveryError as exc:
-        refusals.append(str(exc))
+    except (DeliveryError, OSError, RuntimeError, ValueError) as exc:
+        refusals.append(str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}")
         return
     _drain(assoc, queue, outcomes)
 
