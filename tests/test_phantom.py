@@ -63,11 +63,12 @@ def test_different_seeds_differ():
 
 # Expected mean HU inside each organ label of a case without findings.
 HU_RANGES = {
-    "liver": (45, 80),
-    "spleen": (35, 65),
-    "pancreas": (25, 55),
-    "kidney_left": (20, 55),
-    "kidney_right": (20, 55),
+    # portal venous phase: enhanced parenchyma
+    "liver": (95, 130),
+    "spleen": (85, 120),
+    "pancreas": (75, 115),
+    "kidney_left": (135, 185),
+    "kidney_right": (135, 185),
     "gallbladder": (-5, 25),
     "stomach": (-850, 40),
     "urinary_bladder": (-5, 35),
@@ -121,6 +122,8 @@ def test_findings_are_in_the_image():
     lesion = case.finding("liver", "lesion")
     sl = near(lesion, 1)
     assert hu[sl][lab[sl] == liver].mean() < hu[lab == liver].mean() - 10
+    # ... but denser than water: solid tissue, told from a cyst by its density as a radiologist does
+    assert hu[sl][lab[sl] == liver].mean() > 25 and lesion.hu >= 35
     cyst = case.finding("kidney_right", "cyst")
     sl = near(cyst, 1)
     assert hu[sl][lab[sl] == ORGAN_LABELS["kidney_right"]].mean() < 22

@@ -20,7 +20,9 @@ from ai_core.phantom.shapes import Ellipsoid, Shape, SmoothNoise, Tube, Union, r
 FOV_MM = np.array([384.0, 384.0, 420.0])
 FOV_CENTER = np.array([0.0, 0.0, 0.0])
 
-# Nominal attenuation (HU) of the tissues; each case jitters them.
+# Nominal attenuation (HU) of the tissues in the portal venous phase (about 70 s after contrast),
+# the phase of most abdominal CT: the parenchyma is enhanced and so is the blood, while what holds
+# water (cysts, bile, urine, effusions) is not. Each case jitters them.
 HU = {
     "air": -1000.0,
     "fat": -100.0,
@@ -32,10 +34,10 @@ HU = {
     "lung": -850.0,
     "blood_contrast": 150.0,
     "myocardium": 90.0,
-    "liver": 60.0,
-    "spleen": 50.0,
-    "pancreas": 40.0,
-    "kidney": 40.0,
+    "liver": 110.0,
+    "spleen": 105.0,
+    "pancreas": 95.0,
+    "kidney": 160.0,  # nephrographic: cortex and medulla alike
     "gallbladder": 10.0,
     "water": 5.0,
     "bowel": 30.0,
@@ -331,7 +333,9 @@ def sample_anatomy(seed: int, pairs: list[tuple[str, str]], *, prone: bool = Fal
     hu = {k: v for k, v in HU.items()}
     for k in ("liver", "spleen", "pancreas", "kidney", "muscle", "fat", "lung", "blood_contrast", "bowel"):
         hu[k] = HU[k] + _jit(rng, 6 if k != "blood_contrast" else 25)
-    hu["spleen"] = min(hu["spleen"], hu["liver"] - 4)  # normal liver is brighter than spleen
+    # a normal liver is not darker than the spleen, so that steatosis (a liver well below the
+    # spleen) is told from the case's own organs and not from a population value
+    hu["spleen"] = min(hu["spleen"], hu["liver"] - 4)
     return Anatomy(
         rng_seed=seed,
         prone=prone,

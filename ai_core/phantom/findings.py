@@ -30,13 +30,14 @@ PHANTOM_ORGANS: tuple[str, ...] = (
 ORGAN_LABELS: dict[str, int] = {organ: i + 1 for i, organ in enumerate(PHANTOM_ORGANS)}
 
 # Supported (organ, finding) pairs. What each means in the phantom:
-#   lesion         focal hypodense lesion, ill-defined, 6-22 mm radius, 15-45 HU below the organ
+#   lesion         focal hypodense (hypo-enhancing) lesion, ill-defined, 6-22 mm radius, 30-60 HU
+#                  below the organ and at least 35 HU (above water density)
 #   cyst           round, sharp, water density (0-12 HU)
 #   calcification  1-4 small foci of 350-1000 HU (stones in gallbladder, kidney and bladder;
 #                  wall calcification of the aorta; coronary calcification of the heart)
 #   enlargement    organ scaled up (aorta: fusiform aneurysm; esophagus: dilated, fluid/air filled)
 #   atrophy        organ scaled down
-#   steatosis      liver 35-70 HU lower than normal (below the spleen)
+#   steatosis      liver 12-40 HU below the spleen (about 15-50 HU below a normal liver)
 #   emphysema      low-attenuation areas (about -960 HU) in 15-45 % of the lung, upper-zone predominant
 #   pleural_effusion  dependent fluid (10-20 HU) in the pleural space; the lung label shrinks
 FINDINGS: dict[str, list[str]] = {

@@ -87,7 +87,10 @@ def place_findings(an: Anatomy, pairs: list[tuple[str, str]], seed: int, accept:
                 f.hu = float(rng.uniform(0, 12))
             else:
                 base = liver_hu if organ == "liver" else an.hu["kidney" if organ.startswith("kidney") else organ]
-                f.hu = float(max(base - rng.uniform(18, 40), min(18.0, base - 15.0)))
+                # hypo-enhancing solid tissue: 30-60 HU below the enhanced organ, and never below
+                # 35 HU, so that its density is above any cyst's, which is how a radiologist tells
+                # the two apart on a contrast-enhanced CT
+                f.hu = float(max(base - rng.uniform(30, 60), 35.0))
             f.details = {"radius_mm": r, "lumps": list(rng.normal(0, 0.08 if finding == "lesion" else 0.02, 8)),
                          "rot": list(rng.uniform(-np.pi, np.pi, 3))}
         elif finding == "calcification":
