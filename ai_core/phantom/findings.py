@@ -37,7 +37,7 @@ ORGAN_LABELS: dict[str, int] = {organ: i + 1 for i, organ in enumerate(PHANTOM_O
 #                  wall calcification of the aorta; coronary calcification of the heart)
 #   enlargement    organ scaled up (aorta: fusiform aneurysm; esophagus: dilated, fluid/air filled)
 #   atrophy        organ scaled down
-#   steatosis      liver 12-40 HU below the spleen (about 15-50 HU below a normal liver)
+#   steatosis      liver 20-45 HU below the spleen (about 25-55 HU below a normal liver)
 #   emphysema      low-attenuation areas (about -960 HU) in 15-45 % of the lung, upper-zone predominant
 #   pleural_effusion  dependent fluid (10-20 HU) in the pleural space; the lung label shrinks
 FINDINGS: dict[str, list[str]] = {

@@ -48,7 +48,9 @@ def place_findings(an: Anatomy, pairs: list[tuple[str, str]], seed: int, accept:
     out: list[Finding] = []
     org = an.organs
     # drawn first so that lesions are hypodense to the liver as it is (fatty or not)
-    steatosis_hu = float(an.hu["spleen"] - rng.uniform(12, 40))
+    # on an enhanced CT the liver and spleen of a normal patient differ by up to about 15 HU either
+    # way, so a steatosis the phantom calls present is clearly below that
+    steatosis_hu = float(an.hu["spleen"] - rng.uniform(20, 45))
     liver_hu = steatosis_hu if ("liver", "steatosis") in pairs else an.hu["liver"]
     for organ, finding in pairs:
         f = Finding(organ, finding)
