@@ -96,8 +96,8 @@ class Destination(Strict):
     max_pdu: int = Field(131072, ge=0)
     timeout: float = Field(30, gt=0)
     # Concurrent associations one delivery may open (a series is shared among them, at least
-    # dicom_node.send.MIN_PER_ASSOCIATION instances each). A PACS that refuses the extra ones still gets everything
-    # over the associations it accepts.
+    # dicom_node.send.MIN_PER_ASSOCIATION instances each). A PACS that refuses the extra ones
+    # still gets everything over the associations it accepts.
     associations: int = Field(1, ge=1, le=16)
 
     @field_validator("ae_title")

@@ -107,8 +107,9 @@ def send_files(dest: Destination, items: Iterable[Outgoing], *, calling_ae: str)
     for t in threads:
         t.join()
     if refusals:
-        log.warning("%s: %d of %d associations not established (%s); sent over the others",
-                    dest.ae_title, len(refusals), n, refusals[0])
+        log.warning("%s: %d of %d associations not established (%s); sent over the others. If this peer "
+                    "limits associations per calling AE, lower the destination's `associations` to %d",
+                    dest.ae_title, len(refusals), n, refusals[0], n - len(refusals))
     for it in items:  # left in the queue when every association was lost
         outcomes.setdefault(it.sop_instance_uid, SendOutcome(None, "association lost"))
     return outcomes

@@ -73,6 +73,7 @@ def test_a_peer_that_refuses_extra_associations_still_gets_every_file(tmp_path, 
     assert sorted(stored) == sorted(it.sop_instance_uid for it in items)
     refused = [r.getMessage() for r in caplog.records if "associations not established" in r.getMessage()]
     assert len(refused) == 1 and "2 of 3 associations" in refused[0] and "rejected the association" in refused[0]
+    assert "lower the destination's `associations` to 1" in refused[0]  # what to do about it
 
 
 def test_no_association_at_all_is_a_delivery_error_naming_the_peer(tmp_path):
