@@ -354,10 +354,15 @@ def make_requested_handler(policy: PeerPolicy) -> Callable[[evt.Event], None]:
 
 
 def log_association(event: evt.Event) -> None:
-    """Log accepted and released associations at INFO (AE titles and addresses only)."""
+    """Log accepted associations (AE titles and addresses only): at INFO, or DEBUG for echo-only ones.
+
+    Monitoring (``dicom-node status``, a PACS's periodic C-ECHO) opens a Verification-only association
+    every few seconds; at INFO those would bury the associations that carry data.
+    """
     requestor = event.assoc.requestor
-    log.info("association %s: AE %r at %s", event.event.name.lower().replace("evt_", ""),
-             requestor.ae_title.strip(), requestor.address)
+    echo_only = all(cx.abstract_syntax == Verification for cx in event.assoc.accepted_contexts)
+    log.log(logging.DEBUG if echo_only else logging.INFO, "association %s: AE %r at %s",
+            event.event.name.lower().replace("evt_", ""), requestor.ae_title.strip(), requestor.address)
 
 
 def build_ae(config: Config) -> AE:

@@ -32,6 +32,7 @@ from typing import Callable
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node import logs
 from dicom_node.config import Config
 from storage.index import InstanceRecord
 
@@ -187,8 +188,7 @@ def receiver_main(config: Config, count: int, sockets: Connection, records: Conn
     from dicom_node.receive import PeerPolicy, build_ae, listener_handlers
     from storage.filestore import FileStore
 
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(max(log_level, logging.WARNING))
+    logs.configure_child(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops us (Ctrl-C reaches the whole group)
 
     def stop(*_) -> None:

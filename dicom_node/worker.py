@@ -14,7 +14,7 @@ import threading
 import time
 import traceback
 
-from dicom_node import jobs
+from dicom_node import jobs, logs
 from dicom_node.actions import ACTIONS, PermanentError, RetryableError, WorkerContext
 from dicom_node.config import Config
 from storage.db import make_engine, session_factory
@@ -117,9 +117,7 @@ class Worker:
 
 def worker_main(config: Config, log_level: int = logging.INFO, kinds: list[str] | None = None) -> None:
     """Entry point of a spawned worker process (``kinds``: only claim these job kinds)."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    # pynetdicom logs every DIMSE message at INFO; keep the worker's log about jobs
-    logging.getLogger("pynetdicom").setLevel(max(log_level, logging.WARNING))
+    logs.configure_child(log_level)  # the worker's log is about jobs, not every DIMSE message
     if config.workers.analysis_nice and (kinds is None or "analyze" in kinds):
         os.nice(config.workers.analysis_nice)  # receiving first; see Workers.analysis_nice
     worker = Worker(config, kinds=kinds)

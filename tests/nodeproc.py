@@ -141,8 +141,12 @@ class NodeProcess:
             if last:
                 return last
             time.sleep(interval)
+        try:  # what the node's database says is usually the quickest clue
+            snapshot = {k: v for k, v in self.status().items() if k in ("series", "jobs", "deliveries", "failed_jobs")}
+        except Exception as exc:  # the database may be the problem
+            snapshot = f"unavailable: {exc}"
         raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value {last!r}\n"
-                             f"--- node log ---\n{self.log()[-4000:]}")
+                             f"status: {snapshot}\n--- node log ---\n{self.log()[-4000:]}")
 
 
 def scu(port: int, called: str = "CTVLP", calling: str = "TESTSCU", contexts=None) -> tuple[AE, object]:

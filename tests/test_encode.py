@@ -434,3 +434,41 @@ def test_encoder_warm_up_runs_the_whole_encoding_on_a_made_up_series():
     from ai_core.encode import warm_up
 
     assert 0 < warm_up() < 60  # builds a SEG, SR and SC (inline) and leaves nothing behind
+
+
+_HELD_AT_FORK = __import__("threading").Lock()
+
+
+def _pid_under_held_lock() -> int:
+    with _HELD_AT_FORK:  # in a child forked while the parent held it, this never returns
+        return __import__("os").getpid()
+
+
+def test_an_encoder_child_stuck_on_a_lock_held_at_the_fork_is_killed_and_the_work_runs_inline(caplog):
+    import os
+    import time
+
+    from ai_core.encode.parallel import Forked
+
+    with _HELD_AT_FORK:  # e.g. the heartbeat thread inside a database call at the moment of the fork
+        job = Forked(_pid_under_held_lock, plain=True)
+    child = job._proc
+    started = time.monotonic()
+    value, raw = job.outcome(stall=1.0)
+    assert value == os.getpid() and raw is None  # computed here, after the child was given up
+    assert time.monotonic() - started < 15
+    assert not child.is_alive()
+    assert "used no CPU for 1 s without answering" in caplog.text
+    # a healthy child is left to finish, however long it computes
+    busy = Forked(_busy_pid, plain=True, seconds=2.5)
+    assert busy.outcome(stall=1.0) == (busy._proc.pid, None)
+
+
+def _busy_pid(seconds: float) -> int:
+    import os
+    import time
+
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return os.getpid()

@@ -5,6 +5,12 @@ A forked child inherits the label map and headers without copying or pickling th
 back the finished object as DICOM bytes; the parent reads those lazily, and writing them out
 again copies the raw bytes. Where fork is unavailable the work runs inline.
 
+Forking a process that has threads (the worker's heartbeat, torch's pool) can leave the child
+waiting forever on a lock another thread held at the fork. Two guards: the garbage collector
+is frozen across the fork, so the child never finalises objects it inherited (a database
+connection's finaliser takes such locks), and a child that uses no CPU for ``STALL_S``
+seconds while nothing has come back is taken as stuck: it is killed and the work runs inline.
+
 ``encode_file(ds, split=True)`` writes one object with both cores: the items of its longest part,
 a SEG's Per-Frame Functional Groups (one item of four nested sequences per frame, most of the
 writing time), are encoded half in a forked child, half here, and joined as one raw element.
@@ -12,9 +18,12 @@ writing time), are encoded half in a forked child, half here, and joined as one 
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import multiprocessing
+import os
+import time
 import pickle
 import traceback
 from collections.abc import Callable
@@ -118,6 +127,20 @@ def _child(conn, fn: Callable[..., Any], kwargs: dict[str, Any], plain: bool) ->
         conn.close()
 
 
+# A healthy encoder child computes all the time; this long without CPU time it is stuck.
+STALL_S = 30.0
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time of a process in clock ticks (None where /proc is unavailable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class Forked:
     """A call running in a forked child; ``outcome()`` returns its result (or raises its error).
 
@@ -137,42 +160,82 @@ class Forked:
                 ctx = multiprocessing.get_context("fork")
             except ValueError:  # no fork on this platform
                 ctx = None
+        self._fn, self._kwargs = fn, kwargs  # kept to run inline if the child gets stuck
         if ctx is not None:
             try:
                 self._recv, send = ctx.Pipe(duplex=False)
                 self._proc = ctx.Process(target=_child, args=(send, fn, kwargs, plain), daemon=True)
-                self._proc.start()
+                gc.freeze()  # the child inherits every object as "permanent": it never finalises them
+                try:
+                    self._proc.start()
+                finally:
+                    gc.unfreeze()
                 send.close()
                 return
             except OSError as exc:  # cannot fork (out of memory, process limit): run inline
                 logger.warning("cannot fork an encoder process (%s); running it inline", exc)
                 self._proc = None
+        self._run_inline()
+
+    def _run_inline(self) -> None:
         try:
-            self._inline = fn(**kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+            self._inline = self._fn(**self._kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by outcome()
             self._error = exc
 
-    def outcome(self, timeout: float = 600.0) -> tuple[Dataset | None, EncodedBytes | None]:
+    def _wait(self, timeout: float, stall: float) -> bool:
+        """Wait for the child's answer: True when it is there, False when the child is stuck."""
+        deadline = time.monotonic() + timeout
+        ticks, since = _cpu_ticks(self._proc.pid), time.monotonic()
+        while not self._recv.poll(max(0.0, min(1.0, deadline - time.monotonic()))):
+            now = time.monotonic()
+            if now >= deadline:
+                raise EncoderFailed(f"encoder child gave no answer within {timeout:.0f} s")
+            current = _cpu_ticks(self._proc.pid)
+            if current is None or current != ticks:
+                ticks, since = current, now
+            elif now - since >= stall:
+                return False
+        return True
+
+    def _reap(self) -> None:
+        """Wait briefly for the child to exit; kill it if it does not."""
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+    def outcome(self, timeout: float = 600.0, stall: float | None = None) -> tuple[Dataset | None, EncodedBytes | None]:
         """(Dataset, None) when it ran inline, (None, its encoded bytes) from a child; or its error.
 
-        With ``plain``: (the value, None) either way.
+        With ``plain``: (the value, None) either way. A child that used no CPU for ``stall``
+        seconds (default ``STALL_S``) while nothing came back is killed and the call runs inline.
         """
+        stall = STALL_S if stall is None else stall
+        if self._proc is not None:
+            try:
+                answered = self._wait(timeout, stall)
+            except EncoderFailed:
+                self._reap()
+                raise
+            if not answered:
+                logger.warning("encoder child %d (%s) used no CPU for %.0f s without answering: stuck, most "
+                               "likely on a lock held at the fork; killed, running it in this process",
+                               self._proc.pid, getattr(self._fn, "__name__", "?"), stall)
+                self._proc.kill()
+                self._reap()
+                self._proc = None
+                self._run_inline()
         if self._proc is None:
             if self._error is not None:
                 raise self._error
-            assert self._inline is not None
             return self._inline, None
         try:
-            if not self._recv.poll(timeout):
-                raise EncoderFailed(f"encoder child gave no answer within {timeout:.0f} s")
             status, payload = self._recv.recv()
         except EOFError:
             raise EncoderFailed(f"encoder child died (exit code {self._proc.exitcode})") from None
         finally:
-            self._proc.join(5)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join()
+            self._reap()
         if status == "ok":
             return (payload, None) if self._plain else (None, payload)
         pickled, text = payload
@@ -181,7 +244,7 @@ class Forked:
             raise exc from EncoderFailed(text)
         raise EncoderFailed(text)
 
-    def result(self, timeout: float = 600.0) -> Any:
+    def result(self, timeout: float = 600.0, stall: float | None = None) -> Any:
         """The Dataset (from a child: parsed lazily from its bytes) or plain value, or the exception it raised."""
-        ds, raw = self.outcome(timeout)
+        ds, raw = self.outcome(timeout, stall)
         return ds if ds is not None else pydicom.dcmread(io.BytesIO(raw.data))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -32,6 +33,18 @@ from ai_core.segmentation.base import (
 from ai_core.volume import CTVolume
 
 logger = logging.getLogger(__name__)
+
+def _quiet_monai() -> None:
+    """Silence two MONAI messages that alarm an administrator and concern nothing this code uses.
+
+    nvImageCodec (a GPU JPEG decoder for pydicom) is optional and unused: pixel data is decoded
+    by pydicom/SimpleITK before MONAI sees it. ``Orientationd``'s ``labels`` default is changing,
+    but the bundle's reorientation is done by SimpleITK (see ``BundleInput``), not by MONAI.
+    """
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*Orientationd\.__init__:labels", category=FutureWarning)
+
 
 # Transforms of a bundle's preprocessing that read files or add the channel: done here instead.
 _SKIPPED_TRANSFORMS = {"LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd", "AddChanneld"}
@@ -131,6 +144,8 @@ class MonaiBundleSegmenter(Segmenter):
         demo: bool = False,
     ):
         import torch
+
+        _quiet_monai()
         from monai.bundle import ConfigParser
 
         self.bundle_dir = Path(bundle_dir).resolve()
