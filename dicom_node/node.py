@@ -54,6 +54,10 @@ class Node:
         self.servers: list = []
         self.worker_procs: list = []
         self._stop = threading.Event()
+        # stop() and the heartbeat's worker restarts exclude each other: a worker that exits on the
+        # same SIGTERM as the node (systemd signals the whole cgroup) must not be respawned after
+        # stop() has collected the workers, or it outlives the node
+        self._workers_lock = threading.Lock()
         self._beat: threading.Thread | None = None
 
     # --- life cycle ---
@@ -100,7 +104,8 @@ class Node:
 
     def stop(self) -> None:
         """Stop listening, flush the index, stop workers (they finish their current job)."""
-        self._stop.set()
+        with self._workers_lock:
+            self._stop.set()
         for server in self.servers:
             server.shutdown()
         self.servers = []
@@ -134,12 +139,13 @@ class Node:
             if self.receivers is not None:
                 self.receivers.check()
             # restart dead workers: a crash in a model must not stop the queue
-            for i, p in enumerate(self.worker_procs):
-                if not p.is_alive() and not self._stop.is_set():
-                    log.error("worker %s exited with %s; restarting it", p.name, p.exitcode)
-                    kinds = ["forward"] if p.name.startswith("delivery") else None
-                    self.worker_procs[i] = spawn_workers(self.config, 1, logging.getLogger().level, kinds=kinds,
-                                                         name=p.name.rsplit("-", 1)[0])[0]
+            with self._workers_lock:
+                for i, p in enumerate(self.worker_procs):
+                    if not p.is_alive() and not self._stop.is_set():
+                        log.error("worker %s exited with %s; restarting it", p.name, p.exitcode)
+                        kinds = ["forward"] if p.name.startswith("delivery") else None
+                        self.worker_procs[i] = spawn_workers(self.config, 1, logging.getLogger().level,
+                                                             kinds=kinds, name=p.name.rsplit("-", 1)[0])[0]
             self._stop.wait(5)
 
     def _rearm_pending(self) -> None:

@@ -35,6 +35,7 @@ class Worker:
                                  FileStore(config.data_dir / "files", min_free_mb=0), cache={})
         self.id = jobs.worker_id()
         self.stop_event = threading.Event()
+        self.parent_pid: int | None = None  # set when the node spawned us: we stop when it is gone
 
     def run_once(self) -> bool:
         """Claim and run one job; False when there was none."""
@@ -105,6 +106,10 @@ class Worker:
         log.info("worker %s started", self.id)
         self.preload()
         while not self.stop_event.is_set():
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                # the node died without stopping us (kill -9, OOM killer): an orphan would poll forever
+                log.warning("worker %s: the node process %d is gone; stopping", self.id, self.parent_pid)
+                break
             try:
                 busy = self.run_once()
             except Exception:  # database unreachable: wait and try again
@@ -115,12 +120,18 @@ class Worker:
         log.info("worker %s stopped", self.id)
 
 
-def worker_main(config: Config, log_level: int = logging.INFO, kinds: list[str] | None = None) -> None:
-    """Entry point of a spawned worker process (``kinds``: only claim these job kinds)."""
+def worker_main(config: Config, log_level: int = logging.INFO, kinds: list[str] | None = None,
+                parent_pid: int | None = None) -> None:
+    """Entry point of a spawned worker process (``kinds``: only claim these job kinds).
+
+    ``parent_pid``: the node's pid, passed by the node (a ``getppid()`` here would already read
+    1 if the node died while this process was still importing).
+    """
     logs.configure_child(log_level)  # the worker's log is about jobs, not every DIMSE message
     if config.workers.analysis_nice and (kinds is None or "analyze" in kinds):
         os.nice(config.workers.analysis_nice)  # receiving first; see Workers.analysis_nice
     worker = Worker(config, kinds=kinds)
+    worker.parent_pid = parent_pid
     signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stop_event.set())
     worker.run()
@@ -132,7 +143,8 @@ def spawn_workers(config: Config, count: int, log_level: int = logging.INFO, kin
     ctx = multiprocessing.get_context("spawn")
     procs = []
     for i in range(count):
-        p = ctx.Process(target=worker_main, args=(config, log_level, kinds), name=f"{name}-{i + 1}", daemon=False)
+        p = ctx.Process(target=worker_main, args=(config, log_level, kinds, os.getpid()), name=f"{name}-{i + 1}",
+                        daemon=False)
         p.start()
         procs.append(p)
     return procs

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -245,6 +247,43 @@ def _children(pid: int) -> list[tuple[str, int]]:
         if int(fields[1]) == pid:  # after the name: state, ppid, ..., nice is field 19 of stat
             out.append((cmdline, int(fields[16])))
     return out
+
+
+def _group(pgid: int) -> list[int]:
+    """Pids of the live (not zombie) processes in a process group, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # state, ppid, pgrp
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_no_worker_outlives_the_node(tmp_path):
+    # systemd's stop signals the whole group: the node stops its workers and respawns none behind itself
+    with NodeProcess(tmp_path / "a") as node:
+        node.wait_for(lambda: len(_group(node.proc.pid)) >= 3, what="the node and its two workers")
+        pgid = node.proc.pid
+        os.killpg(pgid, signal.SIGTERM)
+        node.proc.wait(60)
+        node.proc = None
+        node.wait_for(lambda: not _group(pgid), timeout=30, what="every process of the node gone after SIGTERM")
+    # the node killed alone (the OOM killer, kill -9): its workers notice they are orphans and stop
+    node = NodeProcess(tmp_path / "b").start()
+    pgid = node.proc.pid
+    try:
+        node.wait_for(lambda: len(_group(pgid)) >= 3, what="the node and its two workers")
+        node.proc.kill()
+        node.proc.wait(10)
+        node.wait_for(lambda: not _group(pgid), timeout=30, what="the orphaned workers to stop by themselves")
+        assert "the node process %d is gone; stopping" % pgid in node.log()
+    finally:
+        if _group(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+        node.proc = None
 
 
 def test_analysis_workers_yield_the_cpu_to_receiving(tmp_path):
