@@ -294,6 +294,32 @@ def test_relative_channel_is_the_organs_contrast_to_its_own_median():
         base.with_updates(vision=base.vision.model_copy(update={"relative_channel": True}))
 
 
+def test_wide_relative_channels_tell_a_cyst_from_a_hypodense_lesion():
+    base = tiny_spec()
+    spec = base.with_updates(vision=base.vision.model_copy(update={
+        "mask_channel": True, "relative_channel": True, "focal": (4, 4), "relative_extra_scales_hu": (150.0,)}))
+    model = build_model(spec).eval()
+    assert spec.vision.encoder_channels == 5 and model.focal_encoder[0].in_channels == 5
+    lo, hi = spec.preprocess.hu_window
+    image, labels = _window(3)
+    mask = labels == 1
+    hu = torch.full_like(image, 110.0)  # an enhanced liver
+    hu[0, 0, 5, 6, 6] = 5.0  # a cyst: water
+    hu[0, 0, 7, 9, 8] = 55.0  # a deep hypodense lesion, 55 HU below the liver
+    scaled = (hu - lo) / (hi - lo)
+    narrow, wide = model.relative_contrast(scaled, mask)[0, 0], model.relative_contrast(scaled, mask, (150.0,))[0, 0]
+    assert float(narrow[5, 6, 6]) == float(narrow[7, 9, 8]) == -1.0  # both clipped at 50 HU
+    assert float(wide[5, 6, 6]) == pytest.approx(-105 / 150) and float(wide[7, 9, 8]) == pytest.approx(-55 / 150)
+    assert not wide[~mask[0]].any()
+    with torch.no_grad():  # the wide channel is the encoder's last input
+        full = model.image_levels(scaled, mask)
+        hu[0, 0, 5, 6, 6] = 55.0
+        assert not torch.allclose(full.focal, model.image_levels((hu - lo) / (hi - lo), mask).focal)
+    with pytest.raises(ValueError, match="needs vision.relative_channel"):
+        base.with_updates(vision=base.vision.model_copy(update={"mask_channel": True,
+                                                                "relative_extra_scales_hu": (150.0,)}))
+
+
 def test_lesion_scale_channels_average_the_contrast_inside_the_organ_only():
     base = tiny_spec()
     spec = base.with_updates(vision=base.vision.model_copy(update={

@@ -153,6 +153,16 @@ def test_fine_tuning_adds_the_relative_channel_without_changing_the_model(tmp_pa
         vision=new_spec.vision.model_copy(update={"lesion_scales_mm": (8.0, 4.0, 2.0)})))
     with pytest.raises(CheckpointError, match="drops, changes or reorders"):
         init_from_checkpoint(narrower, save_checkpoint(tmp_path / "scaled.pt", scaled))
+    # A wider-scale contrast channel goes last, and the model again computes what it did.
+    wide_spec = new_spec.with_updates(vision=new_spec.vision.model_copy(update={"relative_extra_scales_hu": (150.0,)}))
+    wide = build_model(wide_spec).eval()
+    assert init_from_checkpoint(wide, rel_path)
+    with torch.no_grad():
+        assert torch.allclose(new.encode_organs(image, labels)[0], wide.encode_organs(image, labels)[0], atol=1e-6)
+    # lesion scales added after it would move it
+    moved = build_model(wide_spec.with_updates(vision=wide_spec.vision.model_copy(update={"lesion_scales_mm": (4.0,)})))
+    with pytest.raises(CheckpointError, match="relative_extra_scales_hu"):
+        init_from_checkpoint(moved, save_checkpoint(tmp_path / "wide.pt", wide))
 
 
 def test_cli_names_a_missing_init_model_without_a_traceback(tmp_path, capsys):

@@ -400,11 +400,13 @@ def phantom_dictionary() -> dict[str, dict[str, list[str]]]:
 
 
 def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str | None = None,
-                      relative_channel: bool = False, lesion_scales_mm: Sequence[float] = ()) -> ModelSpec:
+                      relative_channel: bool = False, lesion_scales_mm: Sequence[float] = (),
+                      relative_extra_scales_hu: Sequence[float] = ()) -> ModelSpec:
     """The demo model: small ViT on 3 x 3 x 4.5 mm windows, frozen MiniLM text tower, phantom findings.
 
     ``relative_channel``: with the organ-relative contrast channel, as the shipped demo 1.2;
-    ``lesion_scales_mm``: with that contrast also averaged at these scales (tried, not shipped).
+    ``lesion_scales_mm``: with that contrast also averaged at these scales (tried, not shipped);
+    ``relative_extra_scales_hu``: with that contrast also clipped at these wider scales (1.5).
     The version defaults to 1.3, 1.2 or 1.1 by the channels the spec has.
 
     Sizes were chosen for CPU training in minutes: windows of 144 x 144 x 192 mm (z, y, x; larger
@@ -429,6 +431,7 @@ def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str 
             window=(32, 48, 64), patch=(8, 8, 8), hidden=96, depth=3, heads=4, mlp_dim=192, taps=(0, 1),
             stem=(16, 32), mask_channel=True, focal=(16, 16, 32), relative_channel=relative_channel,
             lesion_scales_mm=tuple(float(v) for v in lesion_scales_mm),
+            relative_extra_scales_hu=tuple(float(v) for v in relative_extra_scales_hu),
             # lung parenchyma (emphysema), soft tissue (lesions, cysts, steatosis, fluid), calcium
             input_windows=((-1000.0, -700.0), (-150.0, 250.0), (200.0, 1000.0)),
         ),
@@ -916,6 +919,10 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--lesion-scales", default="", metavar="MM[,MM...]",
                         help="with --relative-channel: that contrast also averaged inside the organ with Gaussians "
                              "of these sigmas in mm, one more channel each (vision.lesion_scales_mm, e.g. 4,8)")
+    parser.add_argument("--wide-contrast", default="", metavar="HU[,HU...]",
+                        help="with --relative-channel: that contrast also clipped at these wider scales, one more "
+                             "channel each (vision.relative_extra_scales_hu, e.g. 150: tells water-density cysts "
+                             "from hypodense lesions, which both read -1 at the default 50 HU)")
     parser.add_argument("--mask-jitter", type=float, default=0.0, metavar="P",
                         help="probability that a window's organ mask is grown or shrunk by one voxel at a step, "
                              "so the model tolerates a segmenter's borders (default 0)")
@@ -950,7 +957,15 @@ def run_cli(args) -> int:
                          "e.g. 4,8") from None
     if scales and not args.relative_channel:
         raise ValueError("--lesion-scales averages the organ-relative contrast: add --relative-channel")
-    spec = phantom_demo_spec(relative_channel=args.relative_channel, lesion_scales_mm=scales)
+    try:
+        wide = tuple(float(v) for v in args.wide_contrast.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--wide-contrast {args.wide_contrast!r}: give scales in HU separated by commas, "
+                         "e.g. 150") from None
+    if wide and not args.relative_channel:
+        raise ValueError("--wide-contrast rescales the organ-relative contrast: add --relative-channel")
+    spec = phantom_demo_spec(relative_channel=args.relative_channel, lesion_scales_mm=scales,
+                             relative_extra_scales_hu=wide)
     if args.model_version:
         spec = spec.with_updates(version=args.model_version)
     if args.pooling != spec.pooling.kind:

@@ -178,26 +178,32 @@ def init_from_checkpoint(model: OrganVLP, path: str | Path) -> list[str]:
     """Load an earlier model's weights into ``model`` to fine-tune it; returns the widened entries.
 
     The spec may differ from the checkpoint's only by more encoder input channels
-    (``vision.relative_channel``, ``vision.lesion_scales_mm``, appended after the channels the
-    checkpoint knows): the first convolutions get zero weights for the new
+    (``vision.relative_channel``, ``vision.lesion_scales_mm``, ``vision.relative_extra_scales_hu``,
+    appended after the channels the checkpoint knows): the first convolutions get zero weights for the new
     channels, so the model starts out computing exactly what the earlier one did.
     """
     payload = read_checkpoint(path)
     old = ModelSpec.model_validate(payload["spec"])
     new = model.spec
     keys = ("organs", "embed_dim", "pooling", "text")
-    ignore = {"relative_channel", "relative_scale_hu", "lesion_scales_mm"}
+    ignore = {"relative_channel", "relative_scale_hu", "lesion_scales_mm", "relative_extra_scales_hu"}
     if (old.model_dump(include=set(keys)) != new.model_dump(include=set(keys))
             or old.vision.model_dump(exclude=ignore) != new.vision.model_dump(exclude=ignore)):
         raise CheckpointError(f"{path} is another architecture than the model to fine-tune; only input "
-                              "channels may be added (vision.relative_channel, vision.lesion_scales_mm)")
+                              "channels may be added (vision.relative_channel, vision.lesion_scales_mm, "
+                              "vision.relative_extra_scales_hu)")
     ov, nv = old.vision, new.vision
     # New channels are appended after the old ones: the old ones must keep their places.
     relative_lost = ov.relative_channel and (not nv.relative_channel or nv.relative_scale_hu != ov.relative_scale_hu)
-    if relative_lost or nv.lesion_scales_mm[:len(ov.lesion_scales_mm)] != ov.lesion_scales_mm:
+    # The extra relative scales come last, so lesion scales can no longer be added after them.
+    lesion_moved = (nv.lesion_scales_mm[:len(ov.lesion_scales_mm)] != ov.lesion_scales_mm
+                    or (ov.relative_extra_scales_hu and nv.lesion_scales_mm != ov.lesion_scales_mm))
+    extra_moved = nv.relative_extra_scales_hu[:len(ov.relative_extra_scales_hu)] != ov.relative_extra_scales_hu
+    if relative_lost or lesion_moved or extra_moved:
         raise CheckpointError(f"{path} has input channels that the model to fine-tune drops, changes or reorders "
                               f"(relative_channel {ov.relative_channel}, relative_scale_hu {ov.relative_scale_hu}, "
-                              f"lesion_scales_mm {list(ov.lesion_scales_mm)}); channels may only be added after them")
+                              f"lesion_scales_mm {list(ov.lesion_scales_mm)}, relative_extra_scales_hu "
+                              f"{list(ov.relative_extra_scales_hu)}); channels may only be added after them")
     state = dict(payload["state_dict"])
     own = model.state_dict()
     widened = []

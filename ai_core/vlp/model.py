@@ -199,17 +199,23 @@ class OrganVLP(nn.Module):
         hu = image * (hi - lo) + lo
         return torch.cat([((hu - a) / (b - a)).clamp(0.0, 1.0) for a, b in windows], dim=1)
 
-    def relative_contrast(self, image: torch.Tensor, organ_mask: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D, H, W): (HU - the organ's median HU) / relative_scale_hu in -1..1 inside the mask, 0 outside."""
+    def relative_contrast(self, image: torch.Tensor, organ_mask: torch.Tensor,
+                          scales_hu: Sequence[float] | None = None) -> torch.Tensor:
+        """(B, S, D, H, W): (HU - the organ's median HU) / scale in -1..1 inside the mask, 0 outside.
+
+        One channel per scale of ``scales_hu`` (default: ``vision.relative_scale_hu`` alone).
+        """
+        scales = [self.spec.vision.relative_scale_hu] if scales_hu is None else list(scales_hu)
         lo, hi = self.spec.preprocess.hu_window
         hu = image[:, 0] * (hi - lo) + lo
         mask = organ_mask.bool()
-        out = torch.zeros_like(hu)
+        out = torch.zeros((hu.shape[0], len(scales), *hu.shape[1:]), dtype=hu.dtype, device=hu.device)
         for b in range(hu.shape[0]):
             if bool(mask[b].any()):
-                median = hu[b][mask[b]].median()
-                out[b] = ((hu[b] - median) / self.spec.vision.relative_scale_hu).clamp(-1.0, 1.0) * mask[b]
-        return out.unsqueeze(1)
+                diff = hu[b] - hu[b][mask[b]].median()
+                for i, s in enumerate(scales):
+                    out[b, i] = (diff / s).clamp(-1.0, 1.0) * mask[b]
+        return out
 
     def lesion_scale_contrast(self, relative: torch.Tensor, organ_mask: torch.Tensor) -> torch.Tensor:
         """(B, S, D, H, W): the relative contrast (B, 1, D, H, W) averaged inside the organ at each lesion scale."""
@@ -241,6 +247,9 @@ class OrganVLP(nn.Module):
                 image = torch.cat([image, relative], dim=1)
                 if self.spec.vision.lesion_scales_mm:
                     image = torch.cat([image, self.lesion_scale_contrast(relative, organ_mask)], dim=1)
+                if self.spec.vision.relative_extra_scales_hu:
+                    wide = self.relative_contrast(scaled, organ_mask, self.spec.vision.relative_extra_scales_hu)
+                    image = torch.cat([image, wide], dim=1)
         if self.spec.pooling.kind == "radclip_slice":
             b, c, d, h, w = image.shape
             tokens, _ = self.visual_encoder(image.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w))

@@ -69,6 +69,11 @@ class VisionSpec(_Frozen):
     # noise by its mean (noise falls with the square root of the voxels averaged), which a few
     # 3x3x3 convolutions cannot learn to do over 10-20 mm. Needs relative_channel. Not in fVLM.
     lesion_scales_mm: tuple[float, ...] = ()
+    # More input channels, after all of the above: the same organ-relative contrast clipped at
+    # each of these wider scales (HU). At relative_scale_hu 50 a cyst (water, ~100 HU below an
+    # enhanced liver) and a hypodense lesion (30-60 below) both read -1; at 150 they are -0.7
+    # and -0.2..-0.4, so the contrast itself tells them apart. Needs relative_channel. Not in fVLM.
+    relative_extra_scales_hu: tuple[float, ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> VisionSpec:
@@ -76,6 +81,10 @@ class VisionSpec(_Frozen):
             raise ValueError("vision.relative_channel needs vision.mask_channel (the organ it is relative to)")
         if self.lesion_scales_mm and not self.relative_channel:
             raise ValueError("vision.lesion_scales_mm needs vision.relative_channel (the contrast it averages)")
+        if self.relative_extra_scales_hu and not self.relative_channel:
+            raise ValueError("vision.relative_extra_scales_hu needs vision.relative_channel (the contrast it rescales)")
+        if any(s <= 0 for s in self.relative_extra_scales_hu):
+            raise ValueError(f"vision.relative_extra_scales_hu {self.relative_extra_scales_hu} must be positive HU")
         if any(s <= 0 for s in self.lesion_scales_mm):
             raise ValueError(f"vision.lesion_scales_mm {self.lesion_scales_mm} must be positive sigmas in mm")
         if self.focal and any(p % 2 for p in self.patch):
@@ -97,7 +106,7 @@ class VisionSpec(_Frozen):
         """Channels the patch embedding sees."""
         n = len(self.input_windows) * self.in_channels if self.input_windows else self.in_channels
         return ((2 * n + 1 if self.mask_channel else n) + (1 if self.relative_channel else 0)
-                + len(self.lesion_scales_mm))
+                + len(self.lesion_scales_mm) + len(self.relative_extra_scales_hu))
 
     @property
     def grid(self) -> tuple[int, int, int]:
