@@ -99,6 +99,20 @@ def test_labels_match_hu_regions(seed):
     assert case.organ_volumes_ml["liver"] > case.organ_volumes_ml["spleen"] > case.organ_volumes_ml["gallbladder"]
 
 
+def test_pancreas_lies_in_fat_not_against_the_liver_or_spleen():
+    # a segmenter must find its border by anatomy, as in a patient, not by a 15 HU step
+    from scipy import ndimage
+
+    for seed in (5, 6, 7):
+        case = generate_case(seed, spacing=(1.5, 1.5, 3.0))
+        lab, hu = _arr(case.labels), _arr(case.image)
+        pan = lab == case.organ_labels["pancreas"]
+        shell = ndimage.binary_dilation(pan) & ~pan
+        solid = np.isin(lab[shell], [case.organ_labels["liver"], case.organ_labels["spleen"]])
+        assert solid.mean() < 0.01, f"seed {seed}: {solid.mean():.1%} of the pancreas' surface touches liver or spleen"
+        assert np.median(hu[shell]) < 0, "the pancreas is wrapped in fat"
+
+
 def test_findings_are_in_the_image():
     pairs = [("liver", "lesion"), ("kidney_right", "cyst"), ("gallbladder", "calcification"),
              ("liver", "steatosis"), ("lung_left", "emphysema"), ("spleen", "enlargement"),

@@ -467,6 +467,12 @@ def render_slab(s: Slab, findings: list[Finding], ctx: dict) -> None:
     )
     pan = an.organs["pancreas"]
     _fill(s, Tube(pan.points, pan.radii + 5.0), hu["fat"] + 15, within=below, label_only=0)  # peripancreatic fat
+    # ... and a fat plane where the liver or spleen reach it: in a patient the duodenum, the lesser
+    # sac and fat lie between them (the tail meets the splenic hilum in fat, with its vessels).
+    # Without it the pancreas (95 HU) abutted the liver (110) on 30-60 % of its surface with
+    # nothing but 15 HU between them, and segmenters split that boundary at random.
+    for organ in ("liver", "spleen"):
+        _fill(s, Tube(pan.points, pan.radii + 3.0), hu["fat"] + 15, within=below, label_only=lab[organ], relabel=0)
     _paint_organ(s, "pancreas", pan, hu["pancreas"], below)
     for side in ("kidney_left", "kidney_right"):
         _fill(s, an.organs[side].scaled(1.35), hu["fat"], within=below, label_only=0)  # perirenal fat
@@ -487,7 +493,8 @@ def render_slab(s: Slab, findings: list[Finding], ctx: dict) -> None:
         ctx["painters"][f.finding](s, f, ctx)
 
 
-def _fill(s: Slab, shape: Shape, value: float, *, within=None, label_only: int | None = None) -> np.ndarray | None:
+def _fill(s: Slab, shape: Shape, value: float, *, within=None, label_only: int | None = None,
+          relabel: int | None = None) -> np.ndarray | None:
     b = s.box(shape)
     if b is None:
         return None
@@ -497,6 +504,8 @@ def _fill(s: Slab, shape: Shape, value: float, *, within=None, label_only: int |
     if label_only is not None:
         m &= s.labels[b] == label_only
     s.hu[b][m] = value
+    if relabel is not None:
+        s.labels[b][m] = relabel
     return m
 
 
