@@ -177,6 +177,21 @@ def test_cli_names_a_missing_init_model_without_a_traceback(tmp_path, capsys):
     assert not list((tmp_path / "w").glob("windows-*"))  # it failed before making any phantom windows
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--wide-contrast", "150"], "--wide-contrast rescales the organ-relative contrast: add --relative-channel"),
+    (["--relative-channel", "--wide-contrast", "wide"], "--wide-contrast 'wide': give scales in HU separated by commas"),
+    (["--lesion-scales", "4"], "--lesion-scales averages the organ-relative contrast: add --relative-channel"),
+])
+def test_cli_names_a_bad_contrast_channel_option(tmp_path, capsys, extra, expected):
+    from dicom_node.cli import main
+
+    rc = main(["train", "vlp", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "out"), "--train-cases", "1",
+               "--val-cases", "1", "--epochs", "1", "--eval-cases", "0", "--workers", "1", *extra])
+    assert rc == 2
+    assert expected in capsys.readouterr().err
+    assert not list((tmp_path / "w").glob("windows-*"))
+
+
 def test_mask_jitter_moves_the_organ_border_by_one_voxel_and_never_empties_it():
     from scipy import ndimage
 

@@ -940,6 +940,17 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--eval-seed", type=int, default=3000, help="phantom set of the held-out cases")
 
 
+def _relative_option(args, flag: str, text: str, what: str, example: str, verb: str) -> tuple[float, ...]:
+    """The numbers of a comma-separated option that builds on --relative-channel (a one-line error otherwise)."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give {what} separated by commas, e.g. {example}") from None
+    if values and not args.relative_channel:
+        raise ValueError(f"{flag} {verb} the organ-relative contrast: add --relative-channel")
+    return values
+
+
 def run_cli(args) -> int:
     """Run ``dicom-node train vlp``: train, calibrate, write model.pt and its training record."""
     import shlex
@@ -950,20 +961,8 @@ def run_cli(args) -> int:
 
     logging.getLogger("ai_core").setLevel(logging.INFO)
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "models" / "demo_vlp"
-    try:
-        scales = tuple(float(v) for v in args.lesion_scales.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--lesion-scales {args.lesion_scales!r}: give sigmas in mm separated by commas, "
-                         "e.g. 4,8") from None
-    if scales and not args.relative_channel:
-        raise ValueError("--lesion-scales averages the organ-relative contrast: add --relative-channel")
-    try:
-        wide = tuple(float(v) for v in args.wide_contrast.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--wide-contrast {args.wide_contrast!r}: give scales in HU separated by commas, "
-                         "e.g. 150") from None
-    if wide and not args.relative_channel:
-        raise ValueError("--wide-contrast rescales the organ-relative contrast: add --relative-channel")
+    scales = _relative_option(args, "--lesion-scales", args.lesion_scales, "sigmas in mm", "4,8", "averages")
+    wide = _relative_option(args, "--wide-contrast", args.wide_contrast, "scales in HU", "150", "rescales")
     spec = phantom_demo_spec(relative_channel=args.relative_channel, lesion_scales_mm=scales,
                              relative_extra_scales_hu=wide)
     if args.model_version:
