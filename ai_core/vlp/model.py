@@ -243,13 +243,15 @@ class OrganVLP(nn.Module):
             m = organ_mask.to(image.dtype).unsqueeze(1)
             image = torch.cat([image, image * m, m], dim=1)
             if self.spec.vision.relative_channel:
-                relative = self.relative_contrast(scaled, organ_mask)
+                v = self.spec.vision
+                # one median per organ for every scale; the wider scales go last (see VisionSpec)
+                contrasts = self.relative_contrast(scaled, organ_mask, (v.relative_scale_hu, *v.relative_extra_scales_hu))
+                relative = contrasts[:, :1]
                 image = torch.cat([image, relative], dim=1)
-                if self.spec.vision.lesion_scales_mm:
+                if v.lesion_scales_mm:
                     image = torch.cat([image, self.lesion_scale_contrast(relative, organ_mask)], dim=1)
-                if self.spec.vision.relative_extra_scales_hu:
-                    wide = self.relative_contrast(scaled, organ_mask, self.spec.vision.relative_extra_scales_hu)
-                    image = torch.cat([image, wide], dim=1)
+                if v.relative_extra_scales_hu:
+                    image = torch.cat([image, contrasts[:, 1:]], dim=1)
         if self.spec.pooling.kind == "radclip_slice":
             b, c, d, h, w = image.shape
             tokens, _ = self.visual_encoder(image.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w))
