@@ -10,6 +10,7 @@ import sys
 
 from dicom_node import __version__, commands
 from dicom_node.errors import UserError
+from dicom_node.logs import quiet_libraries
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve" and args.verbose == 0:
         level = logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries(logging.DEBUG if args.verbose > 1 else logging.WARNING)  # every command, not only serve
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

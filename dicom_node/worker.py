@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class Worker:
     """Runs jobs one at a time until stopped."""
 
-    def __init__(self, config: Config, *, kinds: list[str] | None = None):
+    def __init__(self, config: Config, *, kinds: list[str] | None = None, parent_pid: int | None = None):
         self.config = config
         self.kinds = kinds
         engine = make_engine(config.database_url)
@@ -35,7 +35,7 @@ class Worker:
                                  FileStore(config.data_dir / "files", min_free_mb=0), cache={})
         self.id = jobs.worker_id()
         self.stop_event = threading.Event()
-        self.parent_pid: int | None = None  # set when the node spawned us: we stop when it is gone
+        self.parent_pid = parent_pid  # the node that spawned us: we stop when it is gone
 
     def run_once(self) -> bool:
         """Claim and run one job; False when there was none."""
@@ -130,8 +130,7 @@ def worker_main(config: Config, log_level: int = logging.INFO, kinds: list[str] 
     logs.configure_child(log_level)  # the worker's log is about jobs, not every DIMSE message
     if config.workers.analysis_nice and (kinds is None or "analyze" in kinds):
         os.nice(config.workers.analysis_nice)  # receiving first; see Workers.analysis_nice
-    worker = Worker(config, kinds=kinds)
-    worker.parent_pid = parent_pid
+    worker = Worker(config, kinds=kinds, parent_pid=parent_pid)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stop_event.set())
     worker.run()

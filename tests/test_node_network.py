@@ -235,31 +235,31 @@ def test_disk_below_watermark_refuses_with_out_of_resources(tmp_path):
         assert "below the watermark" in node.log() or "watermark" in node.log()
 
 
+def _proc_stats():
+    """(pid, the fields of /proc/PID/stat after the command name) of every process; gone ones skipped."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            yield int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+
+
 def _children(pid: int) -> list[tuple[str, int]]:
     """(command line, niceness) of a process's direct children, from /proc."""
     out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:  # gone meanwhile
-            continue
+    for child, fields in _proc_stats():
         if int(fields[1]) == pid:  # after the name: state, ppid, ..., nice is field 19 of stat
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
             out.append((cmdline, int(fields[16])))
     return out
 
 
 def _group(pgid: int) -> list[int]:
     """Pids of the live (not zombie) processes in a process group, from /proc."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":  # state, ppid, pgrp
-            out.append(int(stat.parent.name))
-    return out
+    return [pid for pid, fields in _proc_stats() if int(fields[2]) == pgid and fields[0] != "Z"]  # state, ppid, pgrp
 
 
 def test_no_worker_outlives_the_node(tmp_path):

@@ -7,7 +7,6 @@ import signal
 import threading
 
 from dicom_node.commands._common import add_config_argument, config_from
-from dicom_node.logs import quiet_libraries
 
 NAME = "serve"
 HELP = "run the node: listen for DICOM, complete and route series, run jobs"
@@ -24,7 +23,6 @@ def run(args) -> int:
 
     config = config_from(args)
     logging.getLogger().setLevel(config.log_level if not args.verbose else logging.DEBUG)
-    quiet_libraries(logging.WARNING if not args.verbose > 1 else logging.DEBUG)
     node = Node(config, workers=args.workers).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
