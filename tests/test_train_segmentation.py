@@ -13,6 +13,7 @@ from ai_core.segmentation import make_segmenter
 from ai_core.training.segmentation import (
     CHECKPOINT,
     SegTrainConfig,
+    bundle_input,
     dice_per_class,
     export_bundle,
     train_segmentation,
@@ -144,3 +145,28 @@ def test_balanced_training_phantoms_are_the_balanced_set(monkeypatch):
         with pytest.raises(StopIteration):
             make_case(config, None, "train", i)
     assert placed == [sorted(balanced_pairs(0, i)) for i in range(3)]
+
+
+def test_focal_patches_are_centred_on_the_placed_cysts_and_lesions():
+    from ai_core.training.segmentation import make_case, sample_patch
+
+    config = SegTrainConfig(work_dir="unused", spacing=(3.0, 3.0, 4.0), phantom_spacings=((3.0, 3.0, 4.5),),
+                            balanced_findings=True, focal_fraction=1.0)
+    tc = make_case(config, bundle_input(config), "train", 0)
+    case = generate_case(0, balanced_index=0, spacing=(3.0, 3.0, 4.5))  # the findings make_case placed
+    focal = [f for f in case.findings if f.present and f.finding in ("cyst", "lesion")]
+    assert focal and len(tc.focal) == len(focal), "one centre per placed cyst or lesion"
+    for (i, j, k), f in zip(tc.focal, focal):
+        near = tc.labels[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, max(k - 1, 0):k + 2]
+        assert (near == config.organs.index(f.organ) + 1).any(), f"{f.organ} {f.finding}: centre outside its organ"
+    # mark the centres with a value no scaled CT voxel has; every focal patch holds one
+    for i, j, k in tc.focal:
+        tc.image[0, i, j, k] = -0.5
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        img, _ = sample_patch(tc, (16, 16, 16), rng, len(config.organs) + 1, 0.0, focal_fraction=1.0)
+        assert (img[0] == -0.5).any()
+    # a case without focal findings draws organ-centred patches
+    tc.focal = np.zeros((0, 3), dtype=np.int64)
+    _, lab = sample_patch(tc, (16, 16, 16), rng, len(config.organs) + 1, 1.0, focal_fraction=1.0)
+    assert (lab > 0).any()

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 # Generation spacings and orientations of training phantoms (mm; x, y, z).
+FOCAL_FINDINGS = ("cyst", "lesion")  # placed findings that focal patches are centred on
 TRAIN_SPACINGS = ((3.0, 3.0, 4.5), (2.0, 2.0, 3.0), (1.5, 1.5, 3.0), (2.5, 2.5, 2.5))
 TRAIN_ORIENTATIONS = ("HFS", "HFS", "FFS", "HFP", "FFP", "sagittal", "coronal")
 
@@ -58,6 +59,10 @@ class SegTrainConfig:
     num_res_units: int = 1
     roi_size: tuple[int, int, int] = (128, 128, 128)  # inference window of the exported bundle
     organ_fraction: float = 0.9  # patches centred on a (uniformly chosen) organ, else anywhere
+    # Share of patches centred on a placed cyst or lesion instead. Such a spot is a few hundred
+    # voxels of a case, so a segmenter trained on organ-centred patches rarely sees one and learns
+    # to cut it out of its organ, which then hides it from the findings model reading that mask.
+    focal_fraction: float = 0.0
     checkpoint_every: int = 100
     threads: int = 2
     device: str = "cpu"  # cpu, cuda or auto (cuda when torch sees a GPU)
@@ -133,6 +138,7 @@ class TrainCase:
 
     image: np.ndarray
     labels: np.ndarray
+    focal: np.ndarray | None = None  # (N, 3) grid indices of the centres of its cysts and lesions
 
 
 def build_network(config: SegTrainConfig) -> torch.nn.Module:
@@ -167,12 +173,16 @@ def make_case(config: SegTrainConfig, prep, split: str, index: int) -> TrainCase
         case = generate_case(base, balanced_index=index, spacing=spacing, orientation=orientation)
     else:
         case = generate_case(seed, spacing=spacing, orientation=orientation)
-    return to_network_grid(config, prep, case.image, case.labels, case.organ_labels)
+    spots = [f.center_lps for f in case.findings if f.present and f.finding in FOCAL_FINDINGS and f.center_lps]
+    return to_network_grid(config, prep, case.image, case.labels, case.organ_labels, spots)
 
 
 def to_network_grid(config: SegTrainConfig, prep, image: sitk.Image, labels: sitk.Image,
-                    organ_labels: dict[str, int]) -> TrainCase:
-    """An image and its organ labels on the network grid, classes in ``config.organs`` order."""
+                    organ_labels: dict[str, int], spots_lps: Sequence[Sequence[float]] = ()) -> TrainCase:
+    """An image and its organ labels on the network grid, classes in ``config.organs`` order.
+
+    ``spots_lps``: centres (LPS mm) of focal findings, kept as grid indices for focal patches.
+    """
     x = prep(image)
     grid = prep.grid(x)
     lab = sitk.GetArrayFromImage(resample_nearest(labels, grid)).transpose(2, 1, 0)
@@ -180,16 +190,25 @@ def to_network_grid(config: SegTrainConfig, prep, image: sitk.Image, labels: sit
     for i, organ in enumerate(config.organs):
         if organ in organ_labels:
             lut[organ_labels[organ]] = i + 1
-    return TrainCase(image=x.as_tensor().numpy().astype(np.float16), labels=lut[lab])
+    # the label arrays are (x, y, z), the order of SimpleITK's (i, j, k) index
+    focal = np.array([grid.TransformPhysicalPointToIndex(tuple(float(v) for v in p)) for p in spots_lps],
+                     dtype=np.int64).reshape(-1, 3)
+    inside = np.all((focal >= 0) & (focal < np.array(lab.shape)), axis=1)
+    return TrainCase(image=x.as_tensor().numpy().astype(np.float16), labels=lut[lab], focal=focal[inside])
 
 
 def sample_patch(case: TrainCase, patch: Sequence[int], rng: np.random.Generator, n_classes: int,
-                 organ_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """A patch (padded where the volume is smaller), centred on a random organ or anywhere."""
+                 organ_fraction: float, focal_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """A patch (padded where the volume is smaller), centred on a focal finding, a random organ or anywhere.
+
+    A case without focal findings (``case.focal``) draws an organ-centred patch instead.
+    """
     shape = np.asarray(case.labels.shape)
     p = np.asarray(patch)
     centre = None
-    if rng.random() < organ_fraction:
+    if focal_fraction and case.focal is not None and len(case.focal) and rng.random() < focal_fraction:
+        centre = np.asarray(case.focal[int(rng.integers(len(case.focal)))])
+    elif rng.random() < organ_fraction:
         cls = int(rng.integers(1, n_classes))
         idx = np.flatnonzero(case.labels.ravel() == cls)
         if idx.size:
@@ -249,6 +268,7 @@ def load_or_make_cases(config: SegTrainConfig) -> tuple[list[TrainCase], list[Tr
     """The training and validation phantoms, cached in the work directory (keyed by what shapes them)."""
     key = {k: config.to_json()[k] for k in ("seed", "train_cases", "val_cases", "spacing", "hu_ranges",
                                             "phantom_spacings", "organs", "balanced_findings")}
+    key["case_format"] = 2  # 2: with the focal findings' centres
     path = config.work_dir / "cases.pt"
     if path.exists():
         cached = torch.load(path, weights_only=False)
@@ -316,6 +336,9 @@ def train_segmentation(
 
     t0 = time.perf_counter()
     train, val = load_or_make_cases(config)
+    if config.focal_fraction:
+        logger.info("cysts or lesions in %d of %d training phantoms",
+                    sum(c.focal is not None and len(c.focal) > 0 for c in train), len(train))
     logger.info("%d + %d phantoms ready in %.0f s", len(train), len(val), time.perf_counter() - t0)
 
     # Batch Dice: classes absent from one patch do not swamp the loss with empty-mask terms.
@@ -329,7 +352,7 @@ def train_segmentation(
         for g in optimizer.param_groups:
             g["lr"] = lr
         batch = [sample_patch(train[int(rng.integers(len(train)))], config.patch, rng, n_classes,
-                              config.organ_fraction) for _ in range(config.batch_size)]
+                              config.organ_fraction, config.focal_fraction) for _ in range(config.batch_size)]
         x = torch.from_numpy(np.stack([augment(b[0], rng) for b in batch])).to(device)
         y = torch.from_numpy(np.stack([b[1] for b in batch]))[:, None].to(device)
         optimizer.zero_grad(set_to_none=True)

@@ -50,6 +50,9 @@ def add_arguments(parser) -> None:
     seg.add_argument("--balanced-findings", action="store_true",
                      help="draw phantoms from balanced finding sets (every finding in about a third of them) "
                           "instead of at random")
+    seg.add_argument("--focal-fraction", type=float, default=0.0, metavar="P",
+                     help="share of patches centred on a placed cyst or lesion, so that the organ masks "
+                          "learn to keep them (default 0)")
     seg.add_argument("--model-version", default="1.0.0",
                      help="version written into the bundle's metadata (default 1.0.0)")
     seg.add_argument("--no-export", action="store_true", help="train only; do not write the bundle")
@@ -107,12 +110,15 @@ def _run_segmentation(args) -> int:
 
     if args.steps < 1 or args.train_cases < 1 or args.val_cases < 1:
         raise UserError("--steps, --train-cases and --val-cases must be at least 1")
+    if not 0.0 <= args.focal_fraction <= 1.0:
+        raise UserError(f"--focal-fraction must be between 0 and 1, not {args.focal_fraction}")
     config = SegTrainConfig(
         work_dir=Path(args.work_dir), seed=args.seed, train_cases=args.train_cases, val_cases=args.val_cases,
         steps=args.steps, batch_size=args.batch_size, patch=tuple(args.patch), lr=args.lr,
         spacing=tuple(args.spacing), channels=tuple(args.channels), num_res_units=args.res_units,
         checkpoint_every=args.checkpoint_every,
         threads=args.threads, device=args.device, balanced_findings=args.balanced_findings,
+        focal_fraction=args.focal_fraction,
         init_from=str(Path(args.init).resolve()) if args.init else None,
         **({"phantom_spacings": tuple(tuple(s) for s in args.phantom_spacing)} if args.phantom_spacing else {}),
     )
