@@ -120,6 +120,34 @@ class Worker:
         log.info("worker %s stopped", self.id)
 
 
+def lower_priority(nice: int, idle: bool) -> None:
+    """Lower this process's CPU priority: ``nice`` added to its niceness, then SCHED_IDLE if ``idle``.
+
+    Applied to every thread that exists now; threads started later inherit it.
+    """
+    if nice:
+        for tid in _threads():
+            # per thread on Linux; os.nice() would change the calling thread only
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    if not idle:
+        return
+    if not hasattr(os, "SCHED_IDLE"):
+        log.warning("workers.analysis_idle: this system has no SCHED_IDLE; analysis runs at niceness %d only", nice)
+        return
+    try:
+        for tid in _threads():
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:  # e.g. a seccomp filter that forbids it
+        log.warning("workers.analysis_idle: cannot set SCHED_IDLE (%s); analysis runs at niceness %d only", exc, nice)
+
+
+def _threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no procfs: this thread only
+        return [0]
+
+
 def worker_main(config: Config, log_level: int = logging.INFO, kinds: list[str] | None = None,
                 parent_pid: int | None = None) -> None:
     """Entry point of a spawned worker process (``kinds``: only claim these job kinds).
@@ -128,8 +156,8 @@ def worker_main(config: Config, log_level: int = logging.INFO, kinds: list[str] 
     1 if the node died while this process was still importing).
     """
     logs.configure_child(log_level)  # the worker's log is about jobs, not every DIMSE message
-    if config.workers.analysis_nice and (kinds is None or "analyze" in kinds):
-        os.nice(config.workers.analysis_nice)  # receiving first; see Workers.analysis_nice
+    if kinds is None or "analyze" in kinds:
+        lower_priority(config.workers.analysis_nice, config.workers.analysis_idle)  # receiving first
     worker = Worker(config, kinds=kinds, parent_pid=parent_pid)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stop_event.set())

@@ -244,16 +244,17 @@ def _proc_stats():
             continue
 
 
-def _children(pid: int) -> list[tuple[str, int]]:
-    """(command line, niceness) of a process's direct children, from /proc."""
+def _children(pid: int) -> list[tuple[str, int, int]]:
+    """(command line, niceness, scheduling policy) of a process's direct children, from /proc."""
     out = []
     for child, fields in _proc_stats():
-        if int(fields[1]) == pid:  # after the name: state, ppid, ..., nice is field 19 of stat
+        # after the name: state (field 3 of stat), ppid, ...; nice is field 19, policy field 41
+        if int(fields[1]) == pid:
             try:
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            out.append((cmdline, int(fields[16])))
+            out.append((cmdline, int(fields[16]), int(fields[38])))
     return out
 
 
@@ -288,15 +289,23 @@ def test_no_worker_outlives_the_node(tmp_path):
 
 def test_analysis_workers_yield_the_cpu_to_receiving(tmp_path):
     # a PACS administrator's node keeps acknowledging images while an analysis runs: the analysis
-    # worker runs at a lower priority (workers.analysis_nice), the delivery worker does not
+    # worker runs at a lower priority (workers.analysis_nice, and SCHED_IDLE with
+    # workers.analysis_idle), the delivery worker does not
     with NodeProcess(tmp_path / "node") as node:
         workers = []
         for _ in range(100):
-            workers = [nice for cmd, nice in _children(node.proc.pid) if "spawn_main" in cmd]
-            if len(workers) == 2 and 10 in workers:
+            workers = [(nice, policy) for cmd, nice, policy in _children(node.proc.pid) if "spawn_main" in cmd]
+            if len(workers) == 2 and (10, os.SCHED_IDLE) in workers:
                 break
             time.sleep(0.1)
-        assert sorted(workers) == [0, 10], workers
+        assert sorted(workers) == [(0, os.SCHED_OTHER), (10, os.SCHED_IDLE)], workers
+    with NodeProcess(tmp_path / "nice", extra={"workers": {"analysis_idle": False}}) as node:
+        for _ in range(100):
+            workers = [(nice, policy) for cmd, nice, policy in _children(node.proc.pid) if "spawn_main" in cmd]
+            if len(workers) == 2 and any(nice == 10 for nice, _ in workers):
+                break
+            time.sleep(0.1)
+        assert sorted(workers) == [(0, os.SCHED_OTHER), (10, os.SCHED_OTHER)], workers
 
 
 def test_receiver_processes_share_concurrent_associations_and_lose_nothing(tmp_path):
