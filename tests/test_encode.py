@@ -368,6 +368,19 @@ def test_encoding_inside_a_daemonic_process_runs_inline(tmp_path):
     assert answer == ["sc", "seg", "sr"]
 
 
+def _bytes_without_times(ds) -> bytes:
+    """A result object's file bytes without the times of its making, to compare two builds."""
+    import io
+
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        ds.pop(keyword, None)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        item.pop("ContributionDateTime", None)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def test_lean_sr_construction_builds_the_same_document(tmp_path, monkeypatch):
     import io
     import itertools
@@ -393,13 +406,7 @@ def test_lean_sr_construction_builds_the_same_document(tmp_path, monkeypatch):
         ds = build_sr(result, sources, seg=seg, segments=segments, index=index, device=Device(name="n"),
                       predecessor=previous, series_instance_uid="1.2.3.3", sop_instance_uid="1.2.3.4",
                       lean=lean)
-        for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
-            ds.pop(keyword, None)
-        for item in ds.get("ContributingEquipmentSequence", []):
-            item.pop("ContributionDateTime", None)
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        return out.getvalue()
+        return _bytes_without_times(ds)
 
     with highdicom_tuning.lean_sr_construction() as active:
         assert active
@@ -409,6 +416,51 @@ def test_lean_sr_construction_builds_the_same_document(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="No evidence was provided"):
         highdicom_tuning._collect_evidence(sources[:1], content, volume.study_uid)
     assert highdicom_tuning.referenced_instance_uids(content) >= {"1.2.3.2"}  # the SEG, among others
+
+
+def test_lean_seg_construction_builds_the_same_segmentation(tmp_path, monkeypatch):
+    from highdicom import _standard_utils
+    from highdicom._standard_utils import get_sop_class_iod_map
+
+    from ai_core.encode import highdicom_tuning
+    from ai_core.encode.common import read_headers
+    from ai_core.encode.seg import build_seg
+
+    assert highdicom_tuning.cache_iod_lookups(), "pin highdicom in pyproject.toml"
+    lookup = _standard_utils.is_attribute_in_iod
+    assert lookup.cache_info is not None
+
+    def answer(function, *args):
+        try:
+            return function(*args)
+        except KeyError as exc:  # the same error for an IOD highdicom has no modules of
+            return repr(exc)
+
+    # the memoised lookup answers as highdicom's walk of the tables, for every SOP class
+    for sop_class in [*get_sop_class_iod_map(), "1.2.3.4"]:
+        for attribute, exclude in (("PerFrameFunctionalGroupsSequence", None), ("ContentDate", None),
+                                   ("PixelData", ["IconImageSequence"]), ("NoSuchKeyword", None)):
+            assert answer(lookup, attribute, sop_class, exclude) == answer(lookup.uncached, attribute, sop_class,
+                                                                           exclude)
+
+    volume = _phantom(tmp_path)
+    labels, values = _labels()
+    result = _result(volume, labels, values)
+
+    def segmentation(lean: bool) -> bytes:
+        if not lean:
+            monkeypatch.setattr(highdicom_tuning, "WRITTEN_FOR", "not this version")
+            for module in ("highdicom._standard_utils", "highdicom.base", "highdicom.sr.content"):
+                monkeypatch.setattr(f"{module}.is_attribute_in_iod", lookup.uncached)
+        monkeypatch.setattr("highdicom.image.UID", lambda: "2.25.1")  # the dimension organization
+        # fresh headers: their raw values are converted (and, unless lean, checked) on first use
+        ds = build_seg(result, read_headers(result.source_files), series_instance_uid="1.2.3.1",
+                       sop_instance_uid="1.2.3.2")
+        return _bytes_without_times(ds)
+
+    lean = segmentation(lean=True)
+    assert pydicom.config.settings.reading_validation_mode == pydicom.config.WARN, "the setting is restored"
+    assert lean == segmentation(lean=False)
 
 
 def test_seg_written_with_both_cores_is_byte_for_byte_the_plain_write(tmp_path, monkeypatch):

@@ -1,4 +1,16 @@
-"""Leaner SR construction for highdicom 0.28.2 only: the same document, about 0.6 s sooner.
+"""Leaner SR and SEG construction for highdicom 0.28.2 only: the same documents, sooner.
+
+SEG, about 0.3 s sooner for 270 CT slices:
+
+- ``is_attribute_in_iod`` walks the standard's module tables (~1 ms a call) and a SEG asks it
+  once per source image (whether the image's IOD is multi-frame). The answer depends only on its
+  arguments, so ``cache_iod_lookups()`` memoises it.
+- The source headers' positions, orientations and UIDs are converted from their raw bytes on
+  first use, and pydicom checks each converted value against its VR (~40 us each, 3,400 values)
+  only to warn. ``lean_seg_construction()`` skips those read-time checks while highdicom reads
+  the headers; the values, and the SEG, are the same.
+
+SR, about 0.6 s sooner:
 
 ``highdicom.sr.sop._SR.__init__`` spends most of its time on two things an encoder does not need:
 
@@ -21,12 +33,14 @@ tuned and untuned documents encode to the same bytes.
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import highdicom
+import pydicom.config
 from pydicom.dataset import Dataset
 
 WRITTEN_FOR = "0.28.2"
@@ -98,3 +112,55 @@ def lean_sr_construction(enabled: bool = True) -> Iterator[bool]:
             yield True
         finally:
             sop.deepcopy, sop.collect_evidence = saved
+
+
+def cache_iod_lookups() -> bool:
+    """Memoise highdicom's ``is_attribute_in_iod`` wherever highdicom calls it; True once installed.
+
+    Idempotent; does nothing with another highdicom version than WRITTEN_FOR.
+    """
+    if highdicom.__version__ != WRITTEN_FOR:
+        return False
+    from highdicom import _standard_utils, base
+    from highdicom.sr import content
+
+    with _lock:
+        original = _standard_utils.is_attribute_in_iod
+        if getattr(original, "cache_info", None) is None:
+            cached = _memoised_in_iod(original)
+            # every module that imported it by name, and the one whose functions look it up
+            for module in (_standard_utils, base, content):
+                module.is_attribute_in_iod = cached
+    return True
+
+
+def _memoised_in_iod(original):
+    @functools.lru_cache(maxsize=4096)
+    def lookup(attribute: str, sop_class_uid: str, exclude: tuple[str, ...] | None) -> bool:
+        return original(attribute, sop_class_uid, None if exclude is None else list(exclude))
+
+    @functools.wraps(original)
+    def is_attribute_in_iod(attribute: str, sop_class_uid: str,
+                            exclude_path_elements: Sequence[str] | None = None) -> bool:
+        exclude = None if exclude_path_elements is None else tuple(exclude_path_elements)
+        return lookup(str(attribute), str(sop_class_uid), exclude)
+
+    is_attribute_in_iod.cache_info = lookup.cache_info
+    is_attribute_in_iod.uncached = original
+    return is_attribute_in_iod
+
+
+@contextmanager
+def lean_seg_construction(enabled: bool = True) -> Iterator[bool]:
+    """Within the block, raw header values are converted without pydicom's read-time VR checks."""
+    if not enabled or highdicom.__version__ != WRITTEN_FOR:
+        yield False
+        return
+    settings = pydicom.config.settings
+    with _lock:  # a process-wide setting: one block at a time, and always restored
+        saved = settings.reading_validation_mode
+        settings.reading_validation_mode = pydicom.config.IGNORE
+        try:
+            yield True
+        finally:
+            settings.reading_validation_mode = saved

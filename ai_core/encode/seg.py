@@ -21,6 +21,7 @@ import pydicom.uid
 from pydicom.dataset import Dataset
 
 from ai_core.catalogue import DISPLAY_RGB, ORGANS
+from ai_core.encode import highdicom_tuning
 from ai_core.encode.common import (
     Device,
     LabelIndex,
@@ -33,6 +34,7 @@ from ai_core.encode.common import (
 from ai_core.result import AnalysisResult
 
 logger = logging.getLogger(__name__)
+highdicom_tuning.cache_iod_lookups()  # the same answers, without walking the standard's tables per slice
 
 
 @dataclass(frozen=True)
@@ -119,17 +121,19 @@ def build_seg(
             lut[label] = number
         seg_map = lut[labels[keep]]
     demo = is_demo(result)
-    seg = hd.seg.Segmentation(
-        source_images=[sources[i] for i in keep],
-        pixel_array=seg_map,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment_description(s, result) for s in segments],
-        **result_instance("seg", result, sources, device, result.segmenter, series_instance_uid, sop_instance_uid),
-        omit_empty_frames=True,
-        content_label="ORGANS",
-        content_description=(f"AI organ masks by {result.segmenter.label}"
-                             + (" - NOT FOR CLINICAL USE" if demo else ""))[:64],
-    )
+    with highdicom_tuning.lean_seg_construction():
+        seg = hd.seg.Segmentation(
+            source_images=[sources[i] for i in keep],
+            pixel_array=seg_map,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[_segment_description(s, result) for s in segments],
+            **result_instance("seg", result, sources, device, result.segmenter, series_instance_uid,
+                              sop_instance_uid),
+            omit_empty_frames=True,
+            content_label="ORGANS",
+            content_description=(f"AI organ masks by {result.segmenter.label}"
+                                 + (" - NOT FOR CLINICAL USE" if demo else ""))[:64],
+        )
     logger.debug("SEG %s: %d segments, %d frames on %d slices", seg.SOPInstanceUID, len(segments),
                  int(seg.NumberOfFrames), len(keep))
     return seg
