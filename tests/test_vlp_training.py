@@ -104,7 +104,6 @@ def test_checkpoint_reloads_and_training_resumes(tmp_path):
 
 
 def test_phantom_windows_follow_the_crop_stage():
-    pytest.importorskip("ai_core.phantom.generator")
     from ai_core.training.vlp import phantom_demo_spec
 
     spec = phantom_demo_spec()
