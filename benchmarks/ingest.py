@@ -91,8 +91,9 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
-    ap.add_argument("--receive-processes", type=int, default=2,
-                    help="the node's network.receive_processes (default 2; 0: the node process receives)")
+    ap.add_argument("--receive-processes", type=int, default=0,
+                    help="the node's network.receive_processes (default 0, as the node's default: the node "
+                         "process receives; N: N receiver processes)")
     ap.add_argument("--export-associations", type=int, default=1,
                     help="the export destination's associations (default 1, as the node's default)")
     args = ap.parse_args()
