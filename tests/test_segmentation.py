@@ -228,3 +228,35 @@ def test_shipped_demo_bundle_segments_a_held_out_phantom():
     assert np.mean(list(dice.values())) >= 0.85, dice
     for organ in ("liver", "lung_left", "lung_right", "heart"):
         assert dice[organ] >= 0.9, (organ, dice)
+
+
+def test_background_enclosed_by_an_organ_joins_it():
+    from ai_core.segmentation.base import fill_enclosed_background
+
+    labels = np.zeros((12, 12, 12), dtype=np.uint8)
+    labels[2:10, 2:10, 2:10] = 1  # an organ
+    labels[4:6, 4:6, 4:6] = 0  # a cyst the network left out: enclosed
+    labels[5:8, 7:10, 7:9] = 0  # a notch through the organ's surface (y = 9): open to the outside
+    labels[6:8, 3:5, 6:8] = 2  # another organ inside the first: never relabelled
+    before = labels.copy()
+    assert fill_enclosed_background(labels) == 8
+    assert (labels[4:6, 4:6, 4:6] == 1).all()
+    assert (labels[5:8, 7:10, 7:9] == 0).all(), "a spot open to the outside is left as it is"
+    assert (labels == 2).sum() == (before == 2).sum()
+    assert fill_enclosed_background(labels) == 0
+
+
+def test_the_demo_segmenter_keeps_a_cyst_inside_its_kidney():
+    from ai_core.phantom.generator import TRAINING_SPACING, generate_case
+    from ai_core.segmentation.base import fill_enclosed_background
+    from ai_core.volume import CTVolume
+
+    seg = make_segmenter("builtin")
+    case = generate_case(987_655, spacing=TRAINING_SPACING, findings=[("kidney_left", "cyst")])
+    cyst = next(f for f in case.findings if f.present)
+    vol = CTVolume(image=case.image, files=[], study_uid=case.study_uid, series_uid=case.series_uid,
+                   frame_of_reference_uid=None)
+    pred = seg.segment(vol).array()
+    assert fill_enclosed_background(pred.copy()) == 0, "no organ of a segmentation encloses background"
+    index = case.labels.TransformPhysicalPointToIndex(cyst.center_lps)[::-1]  # (z, y, x)
+    assert pred[index] == seg.organ_labels["kidney_left"], "the cyst's centre is kidney"

@@ -29,6 +29,7 @@ from ai_core.segmentation.base import (
     Segmenter,
     WeightsMissing,
     catalogue_lut,
+    fill_enclosed_background,
 )
 from ai_core.volume import CTVolume
 
@@ -251,7 +252,9 @@ class MonaiBundleSegmenter(Segmenter):
             raise SegmentationError(f"segmenting series {volume.series_uid} with {self.info.label}: {exc}") from exc
         arr = sitk.GetArrayViewFromImage(coarse)
         lut = self.lut if self.lut.size > int(arr.max()) else np.pad(self.lut, (0, int(arr.max()) + 1 - self.lut.size))
-        mapped = sitk.GetImageFromArray(lut[arr])
+        classes = lut[arr]
+        fill_enclosed_background(classes)  # on the network's grid, before the resampling to the source's
+        mapped = sitk.GetImageFromArray(classes)
         mapped.CopyInformation(coarse)
         labels = resample_nearest(mapped, volume.image)
         return Segmentation(labels=labels, organ_labels=dict(self.organ_labels), model=self.info)

@@ -19,7 +19,14 @@ import SimpleITK as sitk
 from ai_core.catalogue import segmenter_label_groups
 from ai_core.geometry import image_from_xyz, ras_affine, resample
 from ai_core.result import ModelInfo
-from ai_core.segmentation.base import Segmentation, SegmentationError, Segmenter, WeightsMissing, map_classes
+from ai_core.segmentation.base import (
+    Segmentation,
+    SegmentationError,
+    Segmenter,
+    WeightsMissing,
+    fill_enclosed_background,
+    map_classes,
+)
 from ai_core.volume import CTVolume
 
 logger = logging.getLogger(__name__)
@@ -105,6 +112,7 @@ class TotalSegmentatorSegmenter(Segmenter):
             raise SegmentationError(f"TotalSegmentator stopped (exit {exc.code}) on series {volume.series_uid}") from exc
         classes = np.asarray(seg.dataobj).astype(np.uint8)
         labels, organ_labels = map_totalsegmentator_labels(classes)
+        fill_enclosed_background(labels)
         image = image_from_xyz(labels, seg.affine)
         if image.GetSize() == volume.image.GetSize() and np.allclose(seg.affine, ras_affine(volume.image), atol=1e-3):
             image.CopyInformation(volume.image)  # same grid: drop float noise of the round trip
