@@ -180,11 +180,6 @@ def make_pipeline_segmenter(settings: PipelineSettings, device: str):
         segmenter = make_segmenter(backend, **options)
     except SegmentationError as exc:
         raise PipelineError(f"cannot load the {backend} segmenter: {exc}") from exc
-    if hasattr(segmenter, "predict_classes") and hasattr(segmenter, "lut"):
-        # MONAI bundles: stray fragments removed on the network grid (see ai_core.components).
-        from ai_core.components import LargestComponentSegmenter
-
-        segmenter = LargestComponentSegmenter(segmenter)
     return segmenter
 
 

@@ -53,9 +53,7 @@ def random_demo_like(threads: int):
     torch.manual_seed(0)
     cfg = SegTrainConfig(work_dir=Path(tempfile.mkdtemp(prefix="bench-seg-")))
     bundle = export_bundle(cfg, build_network(cfg).eval(), cfg.work_dir / "bundle", version="random")
-    from ai_core.components import LargestComponentSegmenter
-
-    segmenter = LargestComponentSegmenter(make_segmenter("monai_bundle", bundle_dir=bundle, device="cpu"))
+    segmenter = make_segmenter("monai_bundle", bundle_dir=bundle, device="cpu")
     model = build_model(phantom_demo_spec(name="random (demo-shaped) VLP")).eval()
     return segmenter, model
 

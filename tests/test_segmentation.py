@@ -231,7 +231,7 @@ def test_shipped_demo_bundle_segments_a_held_out_phantom():
 
 
 def test_background_enclosed_by_an_organ_joins_it():
-    from ai_core.segmentation.base import fill_enclosed_background
+    from ai_core.components import fill_enclosed_background
 
     labels = np.zeros((12, 12, 12), dtype=np.uint8)
     labels[2:10, 2:10, 2:10] = 1  # an organ
@@ -248,7 +248,7 @@ def test_background_enclosed_by_an_organ_joins_it():
 
 def test_the_demo_segmenter_keeps_a_cyst_inside_its_kidney():
     from ai_core.phantom.generator import TRAINING_SPACING, generate_case
-    from ai_core.segmentation.base import fill_enclosed_background
+    from ai_core.components import fill_enclosed_background
     from ai_core.volume import CTVolume
 
     seg = make_segmenter("builtin")

@@ -51,39 +51,6 @@ class Segmenter(abc.ABC):
         """Organ labels of ``volume`` on its own grid."""
 
 
-def fill_enclosed_background(labels: np.ndarray) -> int:
-    """Give each organ the background voxels it encloses (in place); returns how many changed.
-
-    A network that has seen few cysts or hypodense lesions tends to leave them out of their
-    organ, as a hole in its mask: the organ's volume comes out short, and the findings model,
-    which reads the organ through its mask, loses sight of exactly the spot that matters. Organ
-    masks (TotalSegmentator's, the phantoms') include such spots, so background that one organ
-    surrounds on every side (6-connected, in 3D) joins it. Voxels of other organs are never
-    relabelled, and a spot open to the outside of the organ is left as it is.
-    """
-    from scipy import ndimage
-
-    changed = 0
-    for value, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None:
-            continue
-        sub = labels[box]
-        outside, n = ndimage.label(sub != value)
-        if n == 0:
-            continue
-        # components that reach the box's faces are connected to the rest of the volume
-        faces = np.zeros(n + 1, dtype=bool)
-        for axis in range(sub.ndim):
-            for index in (0, -1):
-                faces[np.take(outside, index, axis=axis)] = True
-        holes = ~faces[outside] & (sub == 0)
-        count = int(holes.sum())
-        if count:
-            sub[holes] = value
-            changed += count
-    return changed
-
-
 def catalogue_lut(groups: dict[str, tuple[int, ...]], n_classes: int | None = None) -> np.ndarray:
     """A lookup table from backend class value to catalogue label value (uint8, 0 elsewhere)."""
     top = max([v for vs in groups.values() for v in vs] + [(n_classes or 1) - 1, 0])

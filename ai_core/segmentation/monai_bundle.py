@@ -23,13 +23,13 @@ import SimpleITK as sitk
 from ai_core.catalogue import label_groups_from_names
 from ai_core.geometry import image_from_xyz, ras_affine, resample, resample_nearest, resampled_grid
 from ai_core.result import ModelInfo
+from ai_core.components import fill_enclosed_background, keep_largest_components
 from ai_core.segmentation.base import (
     Segmentation,
     SegmentationError,
     Segmenter,
     WeightsMissing,
     catalogue_lut,
-    fill_enclosed_background,
 )
 from ai_core.volume import CTVolume
 
@@ -252,8 +252,10 @@ class MonaiBundleSegmenter(Segmenter):
             raise SegmentationError(f"segmenting series {volume.series_uid} with {self.info.label}: {exc}") from exc
         arr = sitk.GetArrayViewFromImage(coarse)
         lut = self.lut if self.lut.size > int(arr.max()) else np.pad(self.lut, (0, int(arr.max()) + 1 - self.lut.size))
-        classes = lut[arr]
-        fill_enclosed_background(classes)  # on the network's grid, before the resampling to the source's
+        # Catalogue organs first (lobes join their lung, chambers their heart), then the clean-up,
+        # on the network's grid (see ai_core.components), before the resampling to the source's.
+        classes = keep_largest_components(lut[arr])
+        fill_enclosed_background(classes)
         mapped = sitk.GetImageFromArray(classes)
         mapped.CopyInformation(coarse)
         labels = resample_nearest(mapped, volume.image)

@@ -19,12 +19,12 @@ import SimpleITK as sitk
 from ai_core.catalogue import segmenter_label_groups
 from ai_core.geometry import image_from_xyz, ras_affine, resample
 from ai_core.result import ModelInfo
+from ai_core.components import fill_enclosed_background
 from ai_core.segmentation.base import (
     Segmentation,
     SegmentationError,
     Segmenter,
     WeightsMissing,
-    fill_enclosed_background,
     map_classes,
 )
 from ai_core.volume import CTVolume
