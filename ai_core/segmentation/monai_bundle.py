@@ -21,9 +21,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ai_core.catalogue import label_groups_from_names
+from ai_core.components import fill_enclosed_background, keep_largest_components
 from ai_core.geometry import image_from_xyz, ras_affine, resample, resample_nearest, resampled_grid
 from ai_core.result import ModelInfo
-from ai_core.components import fill_enclosed_background, keep_largest_components
 from ai_core.segmentation.base import (
     Segmentation,
     SegmentationError,
