@@ -138,7 +138,8 @@ class TrainCase:
 
     image: np.ndarray
     labels: np.ndarray
-    focal: np.ndarray | None = None  # (N, 3) grid indices of the centres of its cysts and lesions
+    # (N, 3) grid indices of the centres of its cysts and lesions (none: organ-centred patches only)
+    focal: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
 
 
 def build_network(config: SegTrainConfig) -> torch.nn.Module:
@@ -206,7 +207,7 @@ def sample_patch(case: TrainCase, patch: Sequence[int], rng: np.random.Generator
     shape = np.asarray(case.labels.shape)
     p = np.asarray(patch)
     centre = None
-    if focal_fraction and case.focal is not None and len(case.focal) and rng.random() < focal_fraction:
+    if focal_fraction and len(case.focal) and rng.random() < focal_fraction:
         centre = np.asarray(case.focal[int(rng.integers(len(case.focal)))])
     elif rng.random() < organ_fraction:
         cls = int(rng.integers(1, n_classes))
@@ -338,7 +339,7 @@ def train_segmentation(
     train, val = load_or_make_cases(config)
     if config.focal_fraction:
         logger.info("cysts or lesions in %d of %d training phantoms",
-                    sum(c.focal is not None and len(c.focal) > 0 for c in train), len(train))
+                    sum(len(c.focal) > 0 for c in train), len(train))
     logger.info("%d + %d phantoms ready in %.0f s", len(train), len(val), time.perf_counter() - t0)
 
     # Batch Dice: classes absent from one patch do not swamp the loss with empty-mask terms.
