@@ -4,7 +4,8 @@ SEG, about 0.3 s sooner for 270 CT slices:
 
 - ``is_attribute_in_iod`` walks the standard's module tables (~1 ms a call) and a SEG asks it
   once per source image (whether the image's IOD is multi-frame). The answer depends only on its
-  arguments, so ``cache_iod_lookups()`` memoises it.
+  arguments, so ``cache_iod_lookups()`` memoises it (the SR asks it too, once per referenced
+  image, ~0.2 s).
 - The source headers' positions, orientations and UIDs are converted from their raw bytes on
   first use, and pydicom checks each converted value against its VR (~40 us each, 3,400 values)
   only to warn. ``lean_seg_construction()`` skips those read-time checks while highdicom reads

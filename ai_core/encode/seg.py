@@ -34,7 +34,10 @@ from ai_core.encode.common import (
 from ai_core.result import AnalysisResult
 
 logger = logging.getLogger(__name__)
-highdicom_tuning.cache_iod_lookups()  # the same answers, without walking the standard's tables per slice
+# The same answers without walking the standard's tables per source slice. Installed at import,
+# before the encoders fork, so that the SR's child inherits it too: the SR asks once per referenced
+# image and is ~0.2 s faster with it (1.15 -> 0.94 s, 300 slices, interleaved runs).
+highdicom_tuning.cache_iod_lookups()
 
 
 @dataclass(frozen=True)
