@@ -269,6 +269,45 @@ def test_focal_path_pools_only_the_organs_voxels():
         tiny_spec().with_updates(vision=base.vision.model_copy(update={"focal": (4,), "patch": (3, 3, 3)}))
 
 
+def test_focal_floor_keeps_fat_blocks_out_of_the_focal_minimum():
+    # A segmenter's pancreas mask reaches into the fat around it: a core block holding fat must
+    # not set the minimum that tells a cyst, unless the whole core is fat.
+    base = tiny_spec()
+    spec = base.with_updates(vision=base.vision.model_copy(update={"mask_channel": True, "focal": (4, 4),
+                                                                   "focal_floor_hu": -30.0}))
+    torch.manual_seed(5)
+    model = build_model(spec).eval()
+    lo, hi = spec.preprocess.hu_window
+    image, labels = _window(5)
+    mask = labels[0] == 1
+    hu = torch.full_like(image, 40.0)
+    hu[0, 0, 4, 6, 6] = -100.0  # one fat voxel in the organ's core block (2, 3, 3)
+    core = organ_core_mask(mask, (2, 2, 2)).reshape(16, 16, 16)
+    assert core[2, 3, 3] and core.sum() > 1
+    with torch.no_grad():
+        levels = model.image_levels((hu - lo) / (hi - lo), mask[None])
+        assert levels.focal_clear.shape == (1, 16 * 16 * 16)
+        assert not levels.focal_clear[0].reshape(16, 16, 16)[2, 3, 3]
+        assert levels.focal_clear[0].reshape(16, 16, 16)[core].sum() == core.sum() - 1
+        levels.focal[0][:] = 0.0
+        levels.focal[0][:, 2, 3, 3] = -100.0  # the fat block's features: as dark as a cyst's
+        clear_min = model.pool_organ(levels, 0, 0, mask)
+        levels.focal[0][:, 2, 3, 3] = 0.0
+        assert torch.equal(clear_min, model.pool_organ(levels, 0, 0, mask))  # the fat block did not count
+        levels.focal[0][:, 2, 3, 4] = -100.0  # a clear core block does
+        assert not torch.equal(clear_min, model.pool_organ(levels, 0, 0, mask))
+        # a core all fat (a lipoma, or a mask wholly off its organ): the minimum over the whole core
+        levels.focal_clear[0][:] = False
+        levels.focal[0][:, 2, 3, 4] = 0.0
+        levels.focal[0][:, 2, 3, 3] = -100.0
+        assert not torch.equal(clear_min, model.pool_organ(levels, 0, 0, mask))
+        # without the floor, the same image keeps every core block
+        plain = build_model(spec.with_updates(vision=spec.vision.model_copy(update={"focal_floor_hu": None})))
+        assert plain.eval().image_levels((hu - lo) / (hi - lo), mask[None]).focal_clear is None
+    with pytest.raises(ValueError, match="focal_floor_hu needs vision.focal"):
+        base.with_updates(vision=base.vision.model_copy(update={"focal_floor_hu": -30.0}))
+
+
 def test_relative_channel_is_the_organs_contrast_to_its_own_median():
     base = tiny_spec()
     spec = base.with_updates(vision=base.vision.model_copy(update={"mask_channel": True, "relative_channel": True,

@@ -401,12 +401,14 @@ def phantom_dictionary() -> dict[str, dict[str, list[str]]]:
 
 def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str | None = None,
                       relative_channel: bool = False, lesion_scales_mm: Sequence[float] = (),
-                      relative_extra_scales_hu: Sequence[float] = ()) -> ModelSpec:
+                      relative_extra_scales_hu: Sequence[float] = (),
+                      focal_floor_hu: float | None = None) -> ModelSpec:
     """The demo model: small ViT on 3 x 3 x 4.5 mm windows, frozen MiniLM text tower, phantom findings.
 
     ``relative_channel``: with the organ-relative contrast channel, as the shipped demo 1.2;
     ``lesion_scales_mm``: with that contrast also averaged at these scales (tried, not shipped);
-    ``relative_extra_scales_hu``: with that contrast also clipped at these wider scales (1.5).
+    ``relative_extra_scales_hu``: with that contrast also clipped at these wider scales (1.5);
+    ``focal_floor_hu``: the focal minimum skips blocks with a voxel below this HU (1.7).
     The version defaults to 1.3, 1.2 or 1.1 by the channels the spec has.
 
     Sizes were chosen for CPU training in minutes: windows of 144 x 144 x 192 mm (z, y, x; larger
@@ -432,6 +434,7 @@ def phantom_demo_spec(name: str = "ct-vlp demo (phantom-trained)", version: str 
             stem=(16, 32), mask_channel=True, focal=(16, 16, 32), relative_channel=relative_channel,
             lesion_scales_mm=tuple(float(v) for v in lesion_scales_mm),
             relative_extra_scales_hu=tuple(float(v) for v in relative_extra_scales_hu),
+            focal_floor_hu=focal_floor_hu,
             # lung parenchyma (emphysema), soft tissue (lesions, cysts, steatosis, fluid), calcium
             input_windows=((-1000.0, -700.0), (-150.0, 250.0), (200.0, 1000.0)),
         ),
@@ -923,6 +926,10 @@ def add_cli_arguments(parser) -> None:
                         help="with --relative-channel: that contrast also clipped at these wider scales, one more "
                              "channel each (vision.relative_extra_scales_hu, e.g. 150: tells water-density cysts "
                              "from hypodense lesions, which both read -1 at the default 50 HU)")
+    parser.add_argument("--focal-floor", type=float, default=None, metavar="HU",
+                        help="the focal path's minimum skips 2x2x2 blocks with a voxel below this HU "
+                             "(vision.focal_floor_hu, e.g. -30: a mask that reaches into the fat around a "
+                             "small organ then does not read as a cyst; default: off)")
     parser.add_argument("--mask-jitter", type=float, default=0.0, metavar="P",
                         help="probability that a window's organ mask is grown or shrunk by one voxel at a step, "
                              "so the model tolerates a segmenter's borders (default 0)")
@@ -964,7 +971,7 @@ def run_cli(args) -> int:
     scales = _relative_option(args, "--lesion-scales", args.lesion_scales, "sigmas in mm", "4,8", "averages")
     wide = _relative_option(args, "--wide-contrast", args.wide_contrast, "scales in HU", "150", "rescales")
     spec = phantom_demo_spec(relative_channel=args.relative_channel, lesion_scales_mm=scales,
-                             relative_extra_scales_hu=wide)
+                             relative_extra_scales_hu=wide, focal_floor_hu=args.focal_floor)
     if args.model_version:
         spec = spec.with_updates(version=args.model_version)
     if args.pooling != spec.pooling.kind:

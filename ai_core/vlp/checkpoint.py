@@ -180,18 +180,20 @@ def init_from_checkpoint(model: OrganVLP, path: str | Path) -> list[str]:
     The spec may differ from the checkpoint's only by more encoder input channels
     (``vision.relative_channel``, ``vision.lesion_scales_mm``, ``vision.relative_extra_scales_hu``,
     appended after the channels the checkpoint knows): the first convolutions get zero weights for the new
-    channels, so the model starts out computing exactly what the earlier one did.
+    channels, so the model starts out computing exactly what the earlier one did; and by
+    ``vision.focal_floor_hu``, which changes where the focal minimum is taken, not the weights.
     """
     payload = read_checkpoint(path)
     old = ModelSpec.model_validate(payload["spec"])
     new = model.spec
     keys = ("organs", "embed_dim", "pooling", "text")
-    ignore = {"relative_channel", "relative_scale_hu", "lesion_scales_mm", "relative_extra_scales_hu"}
+    ignore = {"relative_channel", "relative_scale_hu", "lesion_scales_mm", "relative_extra_scales_hu",
+              "focal_floor_hu"}
     if (old.model_dump(include=set(keys)) != new.model_dump(include=set(keys))
             or old.vision.model_dump(exclude=ignore) != new.vision.model_dump(exclude=ignore)):
         raise CheckpointError(f"{path} is another architecture than the model to fine-tune; only input "
                               "channels may be added (vision.relative_channel, vision.lesion_scales_mm, "
-                              "vision.relative_extra_scales_hu)")
+                              "vision.relative_extra_scales_hu) and vision.focal_floor_hu changed")
     ov, nv = old.vision, new.vision
     # New channels are appended after the old ones: the old ones must keep their places.
     relative_lost = ov.relative_channel and (not nv.relative_channel or nv.relative_scale_hu != ov.relative_scale_hu)

@@ -136,9 +136,14 @@ class VisionTransformer(ViT):
 
 
 class Levels(list):
-    """The encoder's token levels, and the focal map (B, C, D/2, H/2, W/2) when the spec has one."""
+    """The encoder's token levels, and the focal map (B, C, D/2, H/2, W/2) when the spec has one.
+
+    ``focal_clear`` (B, D/2 * H/2 * W/2): the focal map's voxels whose 2x2x2 block has no voxel
+    below ``vision.focal_floor_hu``, when the spec sets it.
+    """
 
     focal: torch.Tensor | None = None
+    focal_clear: torch.Tensor | None = None
 
 
 class OrganVLP(nn.Module):
@@ -260,6 +265,10 @@ class OrganVLP(nn.Module):
         out = Levels(levels)
         if hasattr(self, "focal_encoder"):
             out.focal = self.focal_encoder(image)
+            if self.spec.vision.focal_floor_hu is not None:
+                lo, hi = self.spec.preprocess.hu_window
+                block_min = -F.max_pool3d(-(scaled[:, :1] * (hi - lo) + lo), kernel_size=2, stride=2)
+                out.focal_clear = (block_min >= self.spec.vision.focal_floor_hu).flatten(1)
         return out
 
     def pool_organ(self, levels: Levels, b: int, organ: int, mask: torch.Tensor) -> torch.Tensor:
@@ -288,6 +297,10 @@ class OrganVLP(nn.Module):
         fmap = levels.focal[b].flatten(1)  # (C, voxels at half resolution)
         touched = organ_token_mask(mask, (2, 2, 2))
         core = organ_core_mask(mask, (2, 2, 2))
+        if levels.focal_clear is not None:
+            clear = core & levels.focal_clear[b]
+            if bool(clear.any()):  # else the whole core: the organ may be fat itself (a lipoma)
+                core = clear
         if not bool(core.any()):  # an organ too thin to have a core: its whole extent
             core = touched
         # A bright spot (stone) raises a maximum anywhere in the organ; a dark one (cyst, lesion)

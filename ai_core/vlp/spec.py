@@ -56,6 +56,12 @@ class VisionSpec(_Frozen):
     # channels. Not in fVLM; a stone of a few millimetres or a 1 cm cyst fills a tiny part of one
     # 24-36 mm token of the demo model, and an organ-masked extreme of local features finds it.
     focal: tuple[int, ...] = ()
+    # With the focal path: the minimum skips the core's half-resolution voxels whose 2x2x2 block
+    # holds a voxel below this HU (None: it does not). A segmenter's mask of a small organ in fat
+    # (the pancreas) reaches into the fat around it; whole core blocks are then fat, and a normal
+    # organ reads as dark as a cyst. Water (0 HU) and hypodense tissue stay above -30 HU; fat
+    # (-100) does not. The organ's whole core is used when no block of it is clear. Not in fVLM.
+    focal_floor_hu: float | None = None
     # One more input channel: the organ's contrast to itself, (HU - the organ's median HU) /
     # relative_scale_hu clipped to -1..1 inside the organ mask, 0 outside. A hypodense lesion is
     # then dark against whatever the organ's own attenuation is, where the absolute windows
@@ -87,6 +93,8 @@ class VisionSpec(_Frozen):
             raise ValueError(f"vision.relative_extra_scales_hu {self.relative_extra_scales_hu} must be positive HU")
         if any(s <= 0 for s in self.lesion_scales_mm):
             raise ValueError(f"vision.lesion_scales_mm {self.lesion_scales_mm} must be positive sigmas in mm")
+        if self.focal_floor_hu is not None and not self.focal:
+            raise ValueError("vision.focal_floor_hu needs vision.focal (the minimum it restricts)")
         if self.focal and any(p % 2 for p in self.patch):
             raise ValueError(f"vision.focal needs an even vision.patch (windows are halved): {self.patch}")
         if any(p % (2 ** len(self.stem)) for p in self.patch):
