@@ -416,6 +416,14 @@ def test_lean_sr_construction_builds_the_same_document(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="No evidence was provided"):
         highdicom_tuning._collect_evidence(sources[:1], content, volume.study_uid)
     assert highdicom_tuning.referenced_instance_uids(content) >= {"1.2.3.2"}  # the SEG, among others
+    # the typed view highdicom keeps is there either way: taken as built, or parsed from plain data sets
+    built = build_sr(result, sources, seg=seg, segments=segments, index=index, device=Device(name="n"))
+    assert isinstance(built.content[0], hd.sr.ContainerContentItem)
+    assert len(hd.sr.utils.find_content_items(built, value_type=hd.sr.ValueTypeValues.NUM, recursive=True)) > 0
+    plain = content.ContentSequence[0]
+    assert not highdicom_tuning._fully_typed(plain)
+    typed = highdicom_tuning._TypedOrParsed._from_dataset_derived(plain)
+    assert isinstance(typed, hd.sr.ContentItem) and highdicom_tuning._fully_typed(typed)
 
 
 def test_lean_seg_construction_builds_the_same_segmentation(tmp_path, monkeypatch):
@@ -480,6 +488,53 @@ def test_seg_written_with_both_cores_is_byte_for_byte_the_plain_write(tmp_path, 
     # the dataset itself is untouched: its sequence is still there, item by item
     assert len(seg.PerFrameFunctionalGroupsSequence) == frames and not seg["PerFrameFunctionalGroupsSequence"].is_raw
     assert pydicom.dcmread(io.BytesIO(plain)).NumberOfFrames == frames
+
+
+def test_marking_result_objects_as_written_keeps_their_bytes(tmp_path):
+    import copy
+    import io
+
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from ai_core.encode import parallel
+
+    volume = _phantom(tmp_path)
+    labels, values = _labels()
+    # built here (not read back from a child's bytes): as the encoders hold them before writing
+    objects = encode_results(_result(volume, labels, values), kinds=("seg", "sr", "sc"), parallel=False)
+
+    def plain_write(ds) -> bytes:
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    for kind, ds in objects.items():
+        expected = plain_write(copy.deepcopy(ds))
+        assert parallel.mark_as_written(ds) > 3, kind  # nested items too
+        assert parallel.encode_file(ds) == expected, kind
+        assert parallel.mark_as_written(ds) == 0  # nothing left to mark
+
+    # An item holding an element still raw from an implicit-VR file is not marked: pydicom must
+    # still convert that element (its VR is unknown in the file) for an explicit-VR write.
+    source = pydicom.dcmread(volume.files[0])
+    source.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    implicit = io.BytesIO()
+    source.save_as(implicit, implicit_vr=True, little_endian=True)
+    reread = pydicom.dcmread(io.BytesIO(implicit.getvalue()))
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3"
+    item[0x00200032] = reread.get_item(0x00200032)  # Image Position (Patient), raw, VR unknown
+    assert isinstance(item.get_item(0x00200032), RawDataElement) and item.get_item(0x00200032).VR is None
+    sr = objects["sr"]
+    sr.ReferencedInstanceSequence = Sequence([item])
+    expected = plain_write(copy.deepcopy(sr))
+    assert parallel.mark_as_written(sr) == 0  # the rest was marked above; the new item holds a raw element
+    assert item.original_encoding == (None, None)
+    assert parallel.encode_file(sr) == expected
+    assert pydicom.dcmread(io.BytesIO(expected)).ReferencedInstanceSequence[0].ImagePositionPatient \
+        == source.ImagePositionPatient
 
 
 def test_encoder_warm_up_runs_the_whole_encoding_on_a_made_up_series():

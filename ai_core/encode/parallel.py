@@ -77,6 +77,7 @@ def encode_file(ds: Dataset, *, split: bool = False, keyword: str = "PerFrameFun
     sequence, ``ds`` is written the usual way). ``ds`` itself is not changed.
     """
     tag = tag_for_keyword(keyword)
+    mark_as_written(ds)
     if (not split or tag is None or tag not in ds or len(ds[tag].value) < SPLIT_MIN_ITEMS
             or ds.file_meta.get("TransferSyntaxUID") != pydicom.uid.ExplicitVRLittleEndian):
         buf = io.BytesIO()
@@ -102,6 +103,36 @@ def encode_file(ds: Dataset, *, split: bool = False, keyword: str = "PerFrameFun
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, top, enforce_file_format=True)
     return buf.getvalue()
+
+
+def mark_as_written(ds: Dataset) -> int:
+    """Resolve ``ds``'s ambiguous VRs once and mark its data sets as already in the encoding written
+    (explicit VR little endian); returns how many were marked.
+
+    pydicom resolves ambiguous VRs (US or SS, OB or OW) again in every nested data set whose
+    original encoding is not the one written, walking its whole subtree each time: for an SR's
+    content tree or a SEG's per-frame items most of that is repeated work (~0.05 s each). Data sets
+    built in memory have no original encoding; after one walk from the top they can be written as
+    they are. A data set holding a raw (unparsed) element keeps its original encoding, so that
+    element is still converted as pydicom would convert it. The bytes written are the same.
+    """
+    if ds.file_meta.get("TransferSyntaxUID") != pydicom.uid.ExplicitVRLittleEndian:
+        return 0
+    correct_ambiguous_vr(ds, True)
+    marked = 0
+    stack = [ds]
+    while stack:
+        node = stack.pop()
+        raw = False
+        for elem in node.elements():  # as stored: raw elements are not parsed here
+            if isinstance(elem, RawDataElement):
+                raw = True
+            elif elem.VR == "SQ":
+                stack.extend(elem.value)
+        if not raw and node.original_encoding == (None, None):
+            node.set_original_encoding(False, True, node._character_set)
+            marked += 1
+    return marked
 
 
 def _encode_items(items: list[Dataset], encodings: list[str]) -> bytes:
