@@ -150,6 +150,71 @@ def test_command_sets_encode_exactly_as_pydicom_does():
     assert pynetdicom_tuning._fast_encode(unusual, True, True) == dsutils.encode(unusual, True, True)
 
 
+def test_command_sets_decode_exactly_as_pydicom_does():
+    from pydicom.dataset import Dataset
+    from pynetdicom import dimse_messages, dsutils
+    from pynetdicom.dimse_primitives import C_FIND, C_MOVE, C_STORE
+
+    pynetdicom_tuning.apply()
+    assert dimse_messages.decode is pynetdicom_tuning._fast_decode
+
+    def elements(ds):
+        return [(e.tag, e.VR, e.VM, e.value, type(e.value)) for e in ds]
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = CTImageStorage
+    rsp.AffectedSOPInstanceUID = "1.2.3.4.5"  # odd length: NUL-padded
+    rsp.Status = 0xA700
+    req = C_STORE()
+    req.MessageID = 65535
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = "1.2.3.4.56"
+    req.Priority = 2
+    req.MoveOriginatorApplicationEntityTitle = "MOVER"  # odd length: space-padded
+    req.MoveOriginatorMessageID = 3
+    req.DataSet = BytesIO(b"\x08\x00\x16\x00\x00\x00\x00\x00")
+    move = C_MOVE()
+    move.MessageIDBeingRespondedTo = 2
+    move.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.2"
+    move.Status = 0xFF00
+    move.NumberOfRemainingSuboperations, move.NumberOfCompletedSuboperations = 10, 5
+    move.NumberOfFailedSuboperations, move.NumberOfWarningSuboperations = 0, 1
+    find = C_FIND()
+    find.MessageID = 1
+    find.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    find.Priority = 0
+    find.Identifier = BytesIO(b"\x08\x00\x52\x00\x06\x00STUDY ")
+    sets = []
+    for primitive, cls in ((rsp, dimse_messages.C_STORE_RSP), (req, dimse_messages.C_STORE_RQ),
+                           (move, dimse_messages.C_MOVE_RSP), (find, dimse_messages.C_FIND_RQ)):
+        msg = cls()
+        msg.primitive_to_message(primitive)
+        sets.append(msg.command_set)
+    sets[0].ErrorComment = "  disk full "  # LO: leading spaces kept, trailing padding dropped
+    empty = Dataset()
+    empty.ErrorComment = ""
+    empty.Status = 0
+    sets.append(empty)
+    for ds in sets:
+        raw = dsutils.encode(ds, True, True)
+        fast = pynetdicom_tuning._decode_command(raw)
+        assert fast is not None, ds
+        assert elements(fast) == elements(dsutils.decode(BytesIO(raw), True, True))
+        assert elements(pynetdicom_tuning._fast_decode(BytesIO(raw), True, True)) == elements(fast)
+    # what the direct decoder does not know goes to pydicom, from the start of the stream
+    unusual = Dataset()
+    unusual.Status = 0xA900
+    unusual.OffendingElement = [0x00100010, 0x00100020]  # AT, two values
+    raw = dsutils.encode(unusual, True, True)
+    assert pynetdicom_tuning._decode_command(raw) is None
+    stream = BytesIO(raw)
+    stream.seek(len(raw))
+    assert elements(pynetdicom_tuning._fast_decode(stream, True, True)) == elements(dsutils.decode(BytesIO(raw), True, True))
+    for broken in (raw[:5], b"\x00\x00\x00\x09\x02\x00\x00\x00\x00", b"\x08\x00\x16\x00\x00\x00\x00\x00"):
+        assert pynetdicom_tuning._decode_command(broken) is None  # truncated, wrong length, not group 0
+
+
 def test_pdata_read_gives_views_of_one_buffer_and_rejects_bad_items():
     import socket as _socket
 
