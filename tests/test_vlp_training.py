@@ -16,7 +16,6 @@ from ai_core.training.vlp import (
     fn_calibrated_targets,
     phantom_cases,
     train_vlp,
-    youden_threshold,
 )
 from ai_core.vlp.checkpoint import load_checkpoint, read_checkpoint
 from ai_core.vlp.spec import tiny_spec
@@ -39,11 +38,6 @@ def test_fn_calibrated_soft_targets_by_hand():
     ])
     assert torch.allclose(t, expected)
     assert torch.allclose(t.sum(1), torch.ones(5))
-
-
-def test_youden_threshold_separates():
-    assert 0.3 < youden_threshold([0.1, 0.2, 0.3, 0.8, 0.9], [0, 0, 0, 1, 1]) < 0.8
-    assert youden_threshold([0.4, 0.6], [0, 0]) == 0.5
 
 
 def _synthetic_windows(n_cases: int, seed: int) -> list[Window]:

@@ -834,23 +834,6 @@ def finding_metrics(
     return out
 
 
-def youden_threshold(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Threshold maximising sensitivity + specificity - 1 (midpoint between neighbouring scores)."""
-    s = np.asarray(scores, dtype=float)
-    y = np.asarray(labels, dtype=int)
-    if y.sum() == 0 or y.sum() == len(y):
-        return 0.5
-    order = np.unique(s)
-    candidates = np.concatenate([[order[0] - 1e-6], (order[:-1] + order[1:]) / 2, [order[-1] + 1e-6]])
-    best, best_t = -2.0, 0.5
-    for t in candidates:
-        pred = s >= t
-        j = (pred & (y == 1)).sum() / y.sum() + (~pred & (y == 0)).sum() / (y == 0).sum() - 1
-        if j > best:
-            best, best_t = j, float(t)
-    return float(min(max(best_t, 0.0), 1.0))
-
-
 def calibrate(model: OrganVLP, windows: Sequence[Window]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Per-finding thresholds (Youden's J) on validation windows, and the metrics there."""
     probs = window_probabilities(model, windows)
@@ -860,6 +843,8 @@ def calibrate(model: OrganVLP, windows: Sequence[Window]) -> tuple[dict[str, flo
             s = per.setdefault(f"{w.organ}/{f}", ([], []))
             s[0].append(v)
             s[1].append(int(w.report.findings.get(f, False)))
+    from ai_core.evaluation import youden_threshold
+
     thresholds = {k: round(youden_threshold(s, y), 6) for k, (s, y) in per.items()}
     return thresholds, finding_metrics(windows, probs, thresholds)
 
