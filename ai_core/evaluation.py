@@ -151,6 +151,9 @@ class EvaluationReport:
     model: str = ""
     segmenter: str = ""
     refused: int = 0
+    # One entry per case, in order: its Dice per organ and, per scored finding, the truth and the
+    # probability, so a weak finding's errors can be looked at case by case (evaluation.json).
+    per_case: list[dict] = field(default_factory=list)
 
     def mean_dice(self) -> dict[str, float]:
         """Mean Dice per organ."""
@@ -184,6 +187,7 @@ class EvaluationReport:
                      for o, v in sorted(self.dice.items()) if v},
             "findings": findings,
             "summary": {k: num(v) for k, v in self.summary().items()},
+            "per_case": self.per_case,
         }
 
 
@@ -204,17 +208,21 @@ def score_case(report: EvaluationReport, case, result) -> None:
     report.cases += 1
     if result.refused:
         report.refused += 1
+    # "case": the position in the set; for evaluate_phantoms, generate_case(seed, balanced_index=case)
+    record: dict = {"case": report.cases - 1, "refused": bool(result.refused), "dice": {}, "findings": {}}
+    report.per_case.append(record)
     in_fov = set(case.organs_in_fov)
     if result.labels is not None:
         truth = sitk.GetArrayViewFromImage(case.labels)
         # An organ's value in the result's labels (0: not segmented, so its Dice is 0).
         segmented = {o.organ: o.label for o in result.organs}
         pairs = {o: (segmented.get(o, 0), v) for o, v in case.organ_labels.items() if o in in_fov}
-        for organ, d in dice_per_label(result.labels, truth, pairs).items():
-            report.dice.setdefault(organ, []).append(d)
+        record["dice"] = dice_per_label(result.labels, truth, pairs)
     else:
-        for organ in in_fov:
-            report.dice.setdefault(organ, []).append(0.0)
+        record["dice"] = {organ: 0.0 for organ in in_fov}
+    for organ, d in record["dice"].items():
+        report.dice.setdefault(organ, []).append(d)
+    record["dice"] = {o: round(float(d), 4) for o, d in sorted(record["dice"].items())}
     truth_findings = case.truth()
     supported = set(SUPPORTED_PAIRS)
     for f in result.findings:
@@ -223,13 +231,16 @@ def score_case(report: EvaluationReport, case, result) -> None:
         entry = report.findings.setdefault(f"{f.organ}/{f.finding}", FindingScores(f.organ, f.finding))
         if f.threshold is not None:
             entry.threshold = f.threshold
+        present = bool(truth_findings[f.organ][f.finding])
         if f.decision == "not evaluated" or f.probability is None:
             entry.not_evaluated += 1
             reason = f.reason or "not evaluated"
             entry.reasons[reason] = entry.reasons.get(reason, 0) + 1
+            record["findings"][entry.key] = {"present": present, "probability": None, "not_evaluated": reason}
             continue
         entry.scores.append(float(f.probability))
-        entry.labels.append(int(truth_findings[f.organ][f.finding]))
+        entry.labels.append(int(present))
+        record["findings"][entry.key] = {"present": present, "probability": round(entry.scores[-1], 4)}
 
 
 def evaluate_phantoms(

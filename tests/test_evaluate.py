@@ -100,6 +100,12 @@ def test_phantom_evaluation_with_the_true_labels_gives_dice_one_and_the_truth():
     liver_cyst = report.findings["liver/cyst"]
     assert len(liver_cyst.labels) == 3 and liver_cyst.threshold == 0.5
     assert liver_cyst.labels == [int(c.truth()["liver"]["cyst"]) for c in cases]
+    # case by case, the same truth and probabilities the AUCs are computed from
+    assert [r["case"] for r in report.per_case] == [0, 1, 2]
+    per_case = [r["findings"]["liver/cyst"] for r in report.per_case]
+    assert [int(r["present"]) for r in per_case] == liver_cyst.labels
+    assert [r["probability"] for r in per_case] == pytest.approx(liver_cyst.scores, abs=1e-4)
+    assert all(r["dice"]["liver"] == pytest.approx(1.0) for r in report.per_case)
     # a pair the phantom never places (gallbladder cyst) is not scored
     assert "gallbladder/cyst" not in report.findings
     assert report.summary()["dice_min"] == pytest.approx(1.0)
@@ -124,6 +130,8 @@ def test_evaluate_command_on_four_tiny_phantoms(tmp_path, capsys):
     assert any(line.split()[:1] == ["liver"] for line in printed)  # the Dice table
     data = json.loads((out / "evaluation.json").read_text())
     assert data["cases"] == 4 and data["seed"] == 5
+    assert [r["case"] for r in data["per_case"]] == [0, 1, 2, 3]
+    assert {k for r in data["per_case"] for k in r["findings"]} == set(data["findings"])
     for d in data["dice"].values():
         assert 0.0 <= d["mean"] <= 1.0
     png = (out / "roc_curves.png").read_bytes()

@@ -2,8 +2,9 @@
 
 The configured pipeline (segmenter and VLP model) runs on N fresh balanced phantom cases of set S,
 generated in memory at the model's working spacing; the segmenter sees the phantom image, never
-its labels. Writes ``evaluation.json`` and ``roc_curves.png`` to ``--out``; the last line printed
-is ``dice_min=X macro_auc=Y min_auc=Z``.
+its labels. Writes ``evaluation.json`` (the tables, and under ``per_case`` each case's Dice and,
+per finding, the truth and the probability) and ``roc_curves.png`` to ``--out``; the last line
+printed is ``dice_min=X macro_auc=Y min_auc=Z``.
 """
 
 from __future__ import annotations
