@@ -53,6 +53,7 @@ import ssl
 import struct
 import threading
 import copy
+import functools
 import time as _time
 
 import pynetdicom
@@ -62,6 +63,7 @@ from pynetdicom import dimse as _dimse
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dsutils as _dsutils
 from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_has_tag, dictionary_VM, dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -290,14 +292,16 @@ def _fast_encode(ds, is_implicit_vr: bool, is_little_endian: bool, deflated: boo
     return _dsutils.encode(ds, is_implicit_vr, is_little_endian, deflated)
 
 
-# VRs of the single-valued command elements the direct decoder knows (PS3.7 E.1-1); others,
-# multi-valued ones (AT lists) among them, go through pydicom.
-_COMMAND_VRS = {
-    0x0000: "UL", 0x0002: "UI", 0x0003: "UI", 0x0100: "US", 0x0110: "US", 0x0120: "US", 0x0600: "AE",
-    0x0700: "US", 0x0800: "US", 0x0900: "US", 0x0902: "LO", 0x0903: "US", 0x1000: "UI", 0x1001: "UI",
-    0x1002: "US", 0x1008: "US", 0x1020: "US", 0x1021: "US", 0x1022: "US", 0x1023: "US", 0x1030: "AE",
-    0x1031: "US",
-}
+_DECODED_VRS = ("US", "UL", "UI", "AE", "LO")  # what the direct decoder converts; others go to pydicom
+
+
+@functools.lru_cache(maxsize=None)
+def _command_vr(element: int) -> str | None:
+    """The VR of command element (0000,element) from pydicom's dictionary, if single-valued and decoded here."""
+    if not dictionary_has_tag(element) or dictionary_VM(element) != "1":  # group 0000: the tag is the element
+        return None
+    vr = dictionary_VR(element)
+    return vr if vr in _DECODED_VRS else None
 
 
 def _decode_command(raw: bytes) -> Dataset | None:
@@ -309,7 +313,7 @@ def _decode_command(raw: bytes) -> Dataset | None:
             return None
         group, element, length = struct.unpack_from("<HHL", raw, pos)
         pos += 8
-        vr = _COMMAND_VRS.get(element)
+        vr = _command_vr(element)
         if group != 0 or vr is None or pos + length > end:
             return None
         value = raw[pos:pos + length]
