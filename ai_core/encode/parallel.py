@@ -74,7 +74,8 @@ def encode_file(ds: Dataset, *, split: bool = False, keyword: str = "PerFrameFun
 
     ``split``: the items of the sequence ``keyword`` are encoded half in a forked child, half
     here (explicit VR little endian only, as highdicom writes; otherwise, or for a short
-    sequence, ``ds`` is written the usual way). ``ds`` itself is not changed.
+    sequence, ``ds`` is written the usual way). ``ds``'s values are not changed; its ambiguous
+    VRs are resolved and its data sets marked as written (``mark_as_written``), as a write would.
     """
     tag = tag_for_keyword(keyword)
     mark_as_written(ds)
@@ -90,12 +91,10 @@ def encode_file(ds: Dataset, *, split: bool = False, keyword: str = "PerFrameFun
     head = Forked(_encode_items, plain=True, items=items[:half], encodings=encodings)
     tail = _encode_items(items[half:], encodings)
     value = head.result() + tail
-    # A shallow copy with its own element dict: the same elements, the sequence replaced by its
-    # encoded value. Declaring the copy's encoding as the one written makes pydicom write that
-    # raw value as it is (without it, pydicom would parse it back); ambiguous VRs at the top
-    # level are resolved first, as a write does.
+    # A shallow copy with its own element dict: the same elements (ambiguous VRs resolved above),
+    # the sequence replaced by its encoded value. Declaring the copy's encoding as the one written
+    # makes pydicom write that raw value as it is (without it, pydicom would parse it back).
     top = Dataset({t: ds[t] for t in ds.keys() if t != tag})
-    correct_ambiguous_vr(top, True)
     top[tag] = RawDataElement(tag, "SQ", 0xFFFFFFFF if seq.is_undefined_length else len(value), value, 0, False, True)
     top.set_original_encoding(False, True, top._character_set)
     top.file_meta = ds.file_meta
