@@ -209,7 +209,7 @@ def score_case(report: EvaluationReport, case, result) -> None:
     if result.refused:
         report.refused += 1
     # "case": the position in the set; for evaluate_phantoms, generate_case(seed, balanced_index=case)
-    record: dict = {"case": report.cases - 1, "refused": bool(result.refused), "dice": {}, "findings": {}}
+    record: dict = {"case": report.cases - 1, "refused": bool(result.refused), "findings": {}}
     report.per_case.append(record)
     in_fov = set(case.organs_in_fov)
     if result.labels is not None:
@@ -217,12 +217,12 @@ def score_case(report: EvaluationReport, case, result) -> None:
         # An organ's value in the result's labels (0: not segmented, so its Dice is 0).
         segmented = {o.organ: o.label for o in result.organs}
         pairs = {o: (segmented.get(o, 0), v) for o, v in case.organ_labels.items() if o in in_fov}
-        record["dice"] = dice_per_label(result.labels, truth, pairs)
+        dice = dice_per_label(result.labels, truth, pairs)
     else:
-        record["dice"] = {organ: 0.0 for organ in in_fov}
-    for organ, d in record["dice"].items():
+        dice = {organ: 0.0 for organ in in_fov}
+    for organ, d in dice.items():
         report.dice.setdefault(organ, []).append(d)
-    record["dice"] = {o: round(float(d), 4) for o, d in sorted(record["dice"].items())}
+    record["dice"] = {o: round(float(d), 4) for o, d in sorted(dice.items())}
     truth_findings = case.truth()
     supported = set(SUPPORTED_PAIRS)
     for f in result.findings:

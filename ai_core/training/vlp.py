@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ai_core.evaluation import youden_threshold
 from ai_core.vlp.checkpoint import init_from_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from ai_core.vlp.model import OrganVLP, build_model
 from ai_core.vlp.spec import MINILM_PACKAGE, FindingSpec, ModelSpec, PoolingSpec, PreprocessSpec, TextSpec, VisionSpec
@@ -843,8 +844,6 @@ def calibrate(model: OrganVLP, windows: Sequence[Window]) -> tuple[dict[str, flo
             s = per.setdefault(f"{w.organ}/{f}", ([], []))
             s[0].append(v)
             s[1].append(int(w.report.findings.get(f, False)))
-    from ai_core.evaluation import youden_threshold
-
     thresholds = {k: round(youden_threshold(s, y), 6) for k, (s, y) in per.items()}
     return thresholds, finding_metrics(windows, probs, thresholds)
 
