@@ -61,8 +61,11 @@ def test_exported_bundle_is_the_builtin_backend(tmp_path):
     bundle = export_bundle(config, net, tmp_path / "bundle", dice=dice, command="test", seconds=1.0)
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["training"]["command"] == "test"
+    # The organs that hold cysts get their fluid notches back (ai_core.components.fill_fluid_notches).
+    assert meta["cleanup"]["fluid_notches"]["organs"] == ["liver", "pancreas", "kidney_left", "kidney_right"]
     seg = make_segmenter("builtin", bundle_dir=bundle)
     assert seg.info.demo
+    assert seg.fluid_notches is not None
     assert set(seg.organ_labels) == set(config.organs)
     case = generate_case(5, spacing=(6.0, 6.0, 6.0), orientation="coronal")
     vol = CTVolume(image=case.image, files=[], study_uid="1", series_uid="2", frame_of_reference_uid=None)

@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ai_core.catalogue import label_groups_from_names
-from ai_core.components import fill_enclosed_background, keep_largest_components
+from ai_core.components import fill_enclosed_background, fill_fluid_notches, keep_largest_components
 from ai_core.geometry import image_from_xyz, ras_affine, resample, resample_nearest, resampled_grid
 from ai_core.result import ModelInfo
 from ai_core.segmentation.base import (
@@ -207,12 +207,36 @@ class MonaiBundleSegmenter(Segmenter):
             )
         self.lut = catalogue_lut(self.groups)
         self.organ_labels = {k: int(self.lut[self.groups[k][0]]) for k in self.groups}
+        self.fluid_notches = self._fluid_notches(self.metadata)
         self.info = ModelInfo(
             name=str(self.metadata.get("name", self.bundle_dir.name)),
             version=str(self.metadata.get("version", "0")),
             spec_hash=self._hash(config_path, meta_path, weights_path),
             demo=demo,
         )
+
+    def _fluid_notches(self, metadata: Mapping) -> tuple[list[int], float, tuple[float, float]] | None:
+        """The bundle's ``cleanup.fluid_notches`` (organs, radius_mm, hu), checked; None when absent."""
+        spec = (metadata.get("cleanup") or {}).get("fluid_notches")
+        if not spec:
+            return None
+        where = f"bundle {self.bundle_dir.name}: configs/metadata.json cleanup.fluid_notches"
+        try:
+            organs = [str(o) for o in spec["organs"]]
+            radius_mm = float(spec["radius_mm"])
+            lo, hi = (float(v) for v in spec.get("hu", (-25.0, 35.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SegmentationError(
+                f"{where} must be {{organs: [organ keys], radius_mm: number, hu: [low, high]}}: {exc!r}"
+            ) from exc
+        unknown = [o for o in organs if o not in self.organ_labels]
+        if unknown or radius_mm <= 0 or lo >= hi:
+            raise SegmentationError(
+                f"{where}: organs must be among the bundle's ({', '.join(sorted(self.organ_labels))}), "
+                f"radius_mm > 0 and hu low < high; got unknown organs {unknown}, radius_mm {radius_mm}, "
+                f"hu {[lo, hi]}"
+            )
+        return [self.organ_labels[o] for o in organs], radius_mm, (lo, hi)
 
     def _weights_path(self, parser) -> Path:
         try:
@@ -255,6 +279,12 @@ class MonaiBundleSegmenter(Segmenter):
         # Catalogue organs first (lobes join their lung, chambers their heart), then the clean-up,
         # on the network's grid (see ai_core.components), before the resampling to the source's.
         classes = keep_largest_components(lut[arr])
+        if self.fluid_notches is not None:
+            values, radius_mm, hu_range = self.fluid_notches
+            hu = resample(volume.image, coarse, pixel_type=sitk.sitkFloat32, default=-1024.0)
+            radius = tuple(max(1, round(radius_mm / s)) for s in reversed(coarse.GetSpacing()))
+            fill_fluid_notches(classes, sitk.GetArrayViewFromImage(hu), values, radius, hu_range)
+        # after the notches: a notch's non-fluid voxels may be enclosed once its fluid has joined
         fill_enclosed_background(classes)
         mapped = sitk.GetImageFromArray(classes)
         mapped.CopyInformation(coarse)

@@ -400,8 +400,21 @@ def export_bundle(config: SegTrainConfig, network: torch.nn.Module, out_dir: Pat
         version=version,
         description=("Small 3D UNet trained on the project's synthetic CT phantoms; it segments phantom "
                      "organs, not patients. Not for clinical use."),
-        extra_metadata={"training": json.loads(json.dumps(training))},
+        extra_metadata={"training": json.loads(json.dumps(training)), "cleanup": phantom_cleanup(config.organs)},
     )
+
+
+def phantom_cleanup(organs) -> dict:
+    """The clean-up a phantom-trained bundle asks for: fluid notches of the organs that hold cysts.
+
+    A cyst at an organ's surface is the network's hardest case (see
+    ai_core.components.fill_fluid_notches); a 12 mm closing spans the phantoms' surface cysts, and
+    -25..35 HU holds their water (0-12 HU) blurred by noise and the resampling, not fat or parenchyma.
+    """
+    from ai_core.phantom.findings import FINDINGS
+
+    with_cysts = [o for o in organs if "cyst" in FINDINGS.get(o, ())]
+    return {"fluid_notches": {"organs": with_cysts, "radius_mm": 12.0, "hu": [-25.0, 35.0]}} if with_cysts else {}
 
 
 def load_init_weights(path: str | Path, network: torch.nn.Module) -> dict[str, torch.Tensor]:
