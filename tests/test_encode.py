@@ -471,6 +471,36 @@ def test_lean_seg_construction_builds_the_same_segmentation(tmp_path, monkeypatc
     assert lean == segmentation(lean=False)
 
 
+def test_a_built_segmentation_indexes_its_frames_when_first_queried(tmp_path):
+    import io
+    import pickle
+
+    from ai_core.encode import highdicom_tuning
+    from ai_core.encode.common import read_headers
+    from ai_core.encode.seg import build_seg
+
+    volume = _phantom(tmp_path)
+    labels, values = _labels()
+    result = _result(volume, labels, values)
+    seg = build_seg(result, read_headers(result.source_files))
+    assert isinstance(seg, highdicom_tuning.DeferredIndexSegmentation), "pin highdicom in pyproject.toml"
+    assert "_db_con" not in seg.__dict__, "no frame index is built for writing"
+    buffer = io.BytesIO()
+    seg.save_as(buffer, enforce_file_format=True)
+    assert "_db_con" not in seg.__dict__
+    # Queried, the object built in memory answers as the file read back does.
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in volume.files]
+    options = dict(combine_segments=True, ignore_spatial_locations=True, assert_missing_frames_are_empty=True)
+    in_memory = seg.get_pixels_by_source_instance(uids, **options)
+    buffer.seek(0)
+    np.testing.assert_array_equal(in_memory, hd.seg.segread(buffer).get_pixels_by_source_instance(uids, **options))
+    assert in_memory.any() and len(np.unique(in_memory)) == len(values) + 1
+    # a copy (pickled: highdicom serialises the index) answers the same
+    fresh = build_seg(result, read_headers(result.source_files))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(fresh)).get_pixels_by_source_instance(uids, **options),
+                                  in_memory)
+
+
 def test_seg_written_with_both_cores_is_byte_for_byte_the_plain_write(tmp_path, monkeypatch):
     import io
 

@@ -125,7 +125,7 @@ def build_seg(
         seg_map = lut[labels[keep]]
     demo = is_demo(result)
     with highdicom_tuning.lean_seg_construction():
-        seg = hd.seg.Segmentation(
+        seg = highdicom_tuning.segmentation_class()(
             source_images=[sources[i] for i in keep],
             pixel_array=seg_map,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
