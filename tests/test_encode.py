@@ -520,6 +520,63 @@ def test_seg_written_with_both_cores_is_byte_for_byte_the_plain_write(tmp_path, 
     assert pydicom.dcmread(io.BytesIO(plain)).NumberOfFrames == frames
 
 
+def test_sequence_items_with_shared_sub_items_encode_as_pydicom_writes_them():
+    from pydicom.dataelem import DataElement, RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_sequence_item
+    from pydicom.sequence import Sequence
+    from pydicom.tag import Tag
+
+    from ai_core.encode import parallel
+
+    def code(value: str) -> Dataset:
+        ds = Dataset()
+        ds.CodeValue, ds.CodingSchemeDesignator, ds.CodeMeaning = value, "DCM", f"meaning {value}"
+        return ds
+
+    shared = code("121322")  # one object in every item, as highdicom shares them
+    per_slice = [Dataset() for _ in range(3)]
+    for i, ds in enumerate(per_slice):
+        ds.ReferencedSOPInstanceUID = f"1.2.3.{i}"
+        ds.PurposeOfReferenceCodeSequence = [shared]
+    items = []
+    for i in range(9):
+        item = Dataset()
+        item.SourceImageSequence = [per_slice[i % 3]]
+        item.DerivationCodeSequence = [shared]
+        item.DimensionIndexValues = [1, i + 1]
+        item.ImagePositionPatient = [0.5, -1.25, 3.0 * i]
+        item.ReferencedSegmentNumber = i % 4 + 1
+        items.append(item)
+    items[1]["DerivationCodeSequence"].is_undefined_length = True  # same items, other framing
+    items[2].SourceImageSequence[0].is_undefined_length_sequence_item = True
+    items[3].ReferencedImageSequence = Sequence()  # empty
+    items[3].add(DataElement(0x00200000, "UL", 4))  # a group length: not written
+    items[4].SpecificCharacterSet = "ISO_IR 100"
+    items[4].PatientName = "Müller^Jürgen"
+    items[5].SpecificCharacterSet = "ISO_IR 192"
+    items[5].PatientName = "Ζεὺς^Κρόνου"
+    # an item read from implicit VR: raw, and not in the encoding written, so pydicom converts it
+    raw = Dataset()
+    raw[0x00200013] = RawDataElement(Tag(0x00200013), None, 2, b"7 ", 0, True, True)
+    raw.set_original_encoding(True, True, None)
+    items[6].ReferencedInstanceSequence = [raw]
+    for item in items:
+        for ds in (item, *[x for e in item if e.VR == "SQ" for x in e.value]):
+            if ds is not raw and ds.original_encoding == (None, None):
+                ds.set_original_encoding(False, True, ds._character_set)
+
+    def pydicom_write(items) -> bytes:
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        for item in items:
+            write_sequence_item(fp, item, ["iso8859"])
+        return fp.getvalue()
+
+    assert parallel._encode_items(items, ["iso8859"]) == pydicom_write(items)
+
+
 def test_marking_result_objects_as_written_keeps_their_bytes(tmp_path):
     import copy
     import io

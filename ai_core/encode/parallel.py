@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import time
 import pickle
+import struct
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,11 +33,12 @@ from typing import Any
 
 import pydicom
 from pydicom.charset import convert_encodings, default_encoding
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import correct_ambiguous_vr, write_sequence_item
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_sequence_item
+from pydicom.tag import ItemDelimiterTag, ItemTag, SequenceDelimiterTag
 
 logger = logging.getLogger(__name__)
 
@@ -136,11 +138,79 @@ def mark_as_written(ds: Dataset) -> int:
 
 def _encode_items(items: list[Dataset], encodings: list[str]) -> bytes:
     """Sequence items as pydicom writes them inside a sequence (explicit VR little endian)."""
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    for item in items:
-        write_sequence_item(fp, item, encodings)
-    return fp.getvalue()
+    encoder = _ItemEncoder()
+    return b"".join(encoder.item(item, encodings) for item in items)
+
+
+_TAG = struct.Struct("<HH")
+_UL = struct.Struct("<L")
+
+
+def _tag_bytes(tag: int) -> bytes:
+    return _TAG.pack(tag >> 16, tag & 0xFFFF)
+
+
+_ITEM = _tag_bytes(ItemTag)
+_ITEM_END = _tag_bytes(ItemDelimiterTag) + b"\0\0\0\0"
+_SEQUENCE_END = _tag_bytes(SequenceDelimiterTag) + b"\0\0\0\0"
+_UNDEFINED = b"\xff\xff\xff\xff"
+_WRITTEN = (False, True)  # (implicit VR, little endian) of explicit VR little endian
+
+
+class _ItemEncoder:
+    """pydicom's encoding of sequence items, with each shared nested sequence encoded once.
+
+    A SEG's per-frame items share sub-items: the Source Image and Plane Position items of a CT
+    slice serve every segment on it, one Derivation Code item serves all (948 frames: 267, 267
+    and 1 distinct). pydicom encodes each again wherever it occurs; here a sequence whose items
+    are the very same objects (and encoding) reuses its bytes. The element and item framing is
+    pydicom's (explicit VR little endian: sequences and items of defined length unless marked
+    undefined); other elements, and whole items pydicom would first convert (not in the encoding
+    written: ``mark_as_written``), are pydicom's own writes. Same bytes, about 3x sooner.
+    """
+
+    def __init__(self) -> None:
+        self._sequences: dict[tuple, tuple[bytes, object]] = {}
+
+    def item(self, ds: Dataset, encodings: list[str]) -> bytes:
+        """One sequence item, tag and length included."""
+        if ds.original_encoding != _WRITTEN or ds.original_character_set != ds._character_set:
+            fp = DicomBytesIO()
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            write_sequence_item(fp, ds, encodings)  # pydicom converts what needs converting
+            return fp.getvalue()
+        body = self._dataset(ds, encodings)
+        if getattr(ds, "is_undefined_length_sequence_item", False):
+            return _ITEM + _UNDEFINED + body + _ITEM_END
+        return _ITEM + _UL.pack(len(body)) + body
+
+    def _dataset(self, ds: Dataset, parent: list[str]) -> bytes:
+        encodings = convert_encodings(ds.get("SpecificCharacterSet", parent))
+        out = []
+        for tag in sorted(ds.keys()):
+            if tag.element == 0 and tag.group > 6:  # retired group lengths are not written
+                continue
+            elem = ds.get_item(tag)
+            if not isinstance(elem, RawDataElement) and elem.VR == "SQ":
+                out.append(self._sequence(elem, encodings))
+            else:
+                fp = DicomBytesIO()
+                fp.is_little_endian, fp.is_implicit_VR = True, False
+                write_data_element(fp, elem, encodings)
+                out.append(fp.getvalue())
+        return b"".join(out)
+
+    def _sequence(self, elem: DataElement, encodings: list[str]) -> bytes:
+        key = (elem.tag, elem.is_undefined_length, tuple(map(id, elem.value)), tuple(encodings))
+        cached = self._sequences.get(key)
+        if cached is not None:
+            return cached[0]
+        body = b"".join(self.item(ds, encodings) for ds in elem.value)
+        head = _tag_bytes(elem.tag) + b"SQ\0\0"
+        data = (head + _UNDEFINED + body + _SEQUENCE_END if elem.is_undefined_length
+                else head + _UL.pack(len(body)) + body)
+        self._sequences[key] = (data, elem.value)  # holding the items keeps their ids theirs
+        return data
 
 
 def _child(conn, fn: Callable[..., Any], kwargs: dict[str, Any], plain: bool) -> None:
