@@ -511,8 +511,11 @@ def test_seg_written_with_both_cores_is_byte_for_byte_the_plain_write(tmp_path, 
     seg = encode_results(_result(volume, labels, values), kinds=("seg",))["seg"]
     frames = len(seg.PerFrameFunctionalGroupsSequence)
     assert 4 <= frames < parallel.SPLIT_MIN_ITEMS
-    plain = parallel.encode_file(seg)
-    assert parallel.encode_file(seg, split=True) == plain  # a short sequence: written the usual way
+    buffer = io.BytesIO()
+    seg.save_as(buffer, enforce_file_format=True)
+    plain = buffer.getvalue()  # pydicom's own write
+    assert parallel.encode_file(seg) == plain  # the items by _ItemEncoder, here
+    assert parallel.encode_file(seg, split=True) == plain  # a short sequence: not split
     monkeypatch.setattr(parallel, "SPLIT_MIN_ITEMS", 2)
     assert parallel.encode_file(seg, split=True) == plain  # half the frames' items from a forked child
     # the dataset itself is untouched: its sequence is still there, item by item

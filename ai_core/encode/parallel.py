@@ -74,25 +74,27 @@ SPLIT_MIN_ITEMS = 64
 def encode_file(ds: Dataset, *, split: bool = False, keyword: str = "PerFrameFunctionalGroupsSequence") -> bytes:
     """``ds`` in the DICOM file format: the bytes ``ds.save_as(..., enforce_file_format=True)`` writes.
 
-    ``split``: the items of the sequence ``keyword`` are encoded half in a forked child, half
-    here (explicit VR little endian only, as highdicom writes; otherwise, or for a short
-    sequence, ``ds`` is written the usual way). ``ds``'s values are not changed; its ambiguous
+    The items of the sequence ``keyword`` are encoded by ``_ItemEncoder`` (explicit VR little
+    endian only, as highdicom writes; otherwise ``ds`` is written the usual way); ``split``: half
+    of them in a forked child (for a long sequence). ``ds``'s values are not changed; its ambiguous
     VRs are resolved and its data sets marked as written (``mark_as_written``), as a write would.
     """
     tag = tag_for_keyword(keyword)
     mark_as_written(ds)
-    if (not split or tag is None or tag not in ds or len(ds[tag].value) < SPLIT_MIN_ITEMS
-            or ds.file_meta.get("TransferSyntaxUID") != pydicom.uid.ExplicitVRLittleEndian):
+    if tag is None or tag not in ds or ds.file_meta.get("TransferSyntaxUID") != pydicom.uid.ExplicitVRLittleEndian:
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         return buf.getvalue()
     seq = ds[tag]
     items = list(seq.value)
     encodings = convert_encodings(ds.get("SpecificCharacterSet", default_encoding))
-    half = len(items) // 2
-    head = Forked(_encode_items, plain=True, items=items[:half], encodings=encodings)
-    tail = _encode_items(items[half:], encodings)
-    value = head.result() + tail
+    if split and len(items) >= SPLIT_MIN_ITEMS:
+        half = len(items) // 2
+        head = Forked(_encode_items, plain=True, items=items[:half], encodings=encodings)
+        tail = _encode_items(items[half:], encodings)
+        value = head.result() + tail
+    else:
+        value = _encode_items(items, encodings)
     # A shallow copy with its own element dict: the same elements (ambiguous VRs resolved above),
     # the sequence replaced by its encoded value. Declaring the copy's encoding as the one written
     # makes pydicom write that raw value as it is (without it, pydicom would parse it back).
