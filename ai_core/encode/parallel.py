@@ -11,9 +11,10 @@ is frozen across the fork, so the child never finalises objects it inherited (a 
 connection's finaliser takes such locks), and a child that uses no CPU for ``STALL_S``
 seconds while nothing has come back is taken as stuck: it is killed and the work runs inline.
 
-``encode_file(ds, split=True)`` writes one object with both cores: the items of its longest part,
-a SEG's Per-Frame Functional Groups (one item of four nested sequences per frame, most of the
-writing time), are encoded half in a forked child, half here, and joined as one raw element.
+``encode_file(ds)`` writes one object; the items of its longest part, a SEG's Per-Frame
+Functional Groups (one item of four nested sequences per frame, most of the writing time), are
+encoded by ``_ItemEncoder`` (each shared sub-item once) and joined as one raw element. With
+``split=True`` and a very long sequence, half of them are encoded in a forked child.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ class EncodedBytes:
                    str(ds.get("Modality", "")) or None)
 
 
-# Below this many items a forked child costs more than it saves.
-SPLIT_MIN_ITEMS = 64
+# Below this many items a forked child costs more than it saves. With _ItemEncoder, 948 SEG frames
+# take 0.22 s on one core, and a forked half competes with the SR's child for the other: unsplit,
+# SEG + SR + SC took 1.51-1.95 s (median 1.66) against 1.63-2.11 s (1.80) split, six warm runs
+# each, interleaved (benchmarks/encode.py). Several thousand frames (a whole-body SEG) still gain.
+SPLIT_MIN_ITEMS = 2000
 
 
 def encode_file(ds: Dataset, *, split: bool = False, keyword: str = "PerFrameFunctionalGroupsSequence") -> bytes:
