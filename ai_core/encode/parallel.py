@@ -70,7 +70,7 @@ class EncodedBytes:
 
 # Below this many items a forked child costs more than it saves. With _ItemEncoder, 948 SEG frames
 # take 0.22 s on one core, and a forked half competes with the SR's child for the other: unsplit,
-# SEG + SR + SC took 1.51-1.95 s (median 1.66) against 1.63-2.11 s (1.80) split, six warm runs
+# SEG + SR + SC took 1.33-1.98 s (median 1.66) against 1.28-2.11 s (1.78) split, ten warm runs
 # each, interleaved (benchmarks/encode.py). Several thousand frames (a whole-body SEG) still gain.
 SPLIT_MIN_ITEMS = 2000
 
