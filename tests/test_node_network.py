@@ -287,6 +287,23 @@ def test_no_worker_outlives_the_node(tmp_path):
         node.proc = None
 
 
+def test_the_node_stops_on_a_sigterm_that_another_thread_receives(tmp_path):
+    # The kernel delivers a process-directed signal to any thread that does not block it; the node
+    # has several (heartbeat, scheduler, indexer). Sent to one of them, SIGTERM must still stop it.
+    import ctypes
+
+    tgkill = ctypes.CDLL(None, use_errno=True).tgkill  # glibc >= 2.30
+    with NodeProcess(tmp_path / "a", workers=0) as node:
+        pid = node.proc.pid
+        main_tid = pid
+        node.wait_for(lambda: len(os.listdir(f"/proc/{pid}/task")) > 3, what="the node's threads")
+        other = next(int(t) for t in sorted(os.listdir(f"/proc/{pid}/task")) if int(t) != main_tid)
+        assert tgkill(pid, other, signal.SIGTERM) == 0, ctypes.get_errno()
+        assert node.proc.wait(20) == 0
+        node.proc = None
+        assert "stopping" in node.log()
+
+
 def test_analysis_workers_yield_the_cpu_to_receiving(tmp_path):
     # a PACS administrator's node keeps acknowledging images while an analysis runs: the analysis
     # worker runs at a lower priority (workers.analysis_nice, and SCHED_IDLE with

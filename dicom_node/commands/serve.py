@@ -29,7 +29,12 @@ def run(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print(f"dicom-node: listening on {', '.join(f'{l.ae_title}@{l.host}:{l.port}' for l in config.listeners)}; "
           f"data in {config.data_dir}; Ctrl-C to stop", flush=True)
-    stop.wait()
+    # A signal sent to the process may be delivered to any of its threads (the heartbeat, the
+    # scheduler, an association's); Python runs the handler in the main thread only once that
+    # thread wakes, and an untimed wait is not woken by a signal another thread took. So wake
+    # twice a second: a SIGTERM from systemd stops the node whichever thread receives it.
+    while not stop.wait(0.5):
+        pass
     logging.getLogger(__name__).info("stopping")
     node.stop()
     return 0
