@@ -91,12 +91,16 @@ def _ellipsoid(radius: tuple[int, ...]) -> np.ndarray:
     return sum((g / max(r, 1)) ** 2 for g, r in zip(grids, radius)) <= 1.0
 
 
+# Water-density attenuation (HU) of a cyst, blurred by noise and resampling; fat and parenchyma lie outside.
+FLUID_HU: tuple[float, float] = (-25.0, 35.0)
+
+
 def fill_fluid_notches(
     labels: np.ndarray,
     hu: np.ndarray,
     values: Sequence[int],
     radius_vox: tuple[int, int, int],
-    hu_range: tuple[float, float] = (-25.0, 35.0),
+    hu_range: tuple[float, float] = FLUID_HU,
 ) -> int:
     """Give each organ in ``values`` the fluid-density background in its surface notches (in place).
 
@@ -112,12 +116,13 @@ def fill_fluid_notches(
     structure = _ellipsoid(radius)
     lo, hi = hu_range
     changed = 0
+    boxes = ndimage.find_objects(labels)  # one pass for every organ: boxes[value - 1]
     for value in values:
-        box = ndimage.find_objects((labels == value).astype(np.uint8))
-        if not box or box[0] is None:
+        if value > len(boxes) or boxes[value - 1] is None:
             continue
         # the organ's box grown by the radius, so the closing sees the notch's surroundings
-        box = tuple(slice(max(b.start - r, 0), min(b.stop + r, n)) for b, r, n in zip(box[0], radius, labels.shape))
+        box = tuple(slice(max(b.start - r, 0), min(b.stop + r, n))
+                    for b, r, n in zip(boxes[value - 1], radius, labels.shape))
         sub = labels[box]
         organ = np.pad(sub == value, [(r, r) for r in radius])  # padding: closing is exact at the edges
         closed = ndimage.binary_closing(organ, structure=structure)[tuple(slice(r, -r or None) for r in radius)]

@@ -105,6 +105,8 @@ def test_bundle_errors_name_the_fix(tmp_path):
         make_segmenter("monai_bundle", bundle_dir=threshold_bundle(tmp_path / "d", cleanup=notches))
     with pytest.raises(SegmentationError, match="must be {organs: .*radius_mm"):
         make_segmenter("monai_bundle", bundle_dir=threshold_bundle(tmp_path / "e", cleanup={"fluid_notches": {"organs": ["liver"]}}))
+    with pytest.raises(SegmentationError, match="must be {organs: .*found list"):
+        make_segmenter("monai_bundle", bundle_dir=threshold_bundle(tmp_path / "f", cleanup={"fluid_notches": ["liver"]}))
 
 
 def test_map_classes_with_a_synthetic_label_map():

@@ -221,7 +221,7 @@ class DeferredIndexSegmentation(highdicom.seg.Segmentation):
     def _build_deferred_index(self) -> bool:
         if not self.__dict__.pop("_index_deferred", False):
             return False
-        highdicom.seg.Segmentation._build_luts(self)
+        super()._build_luts()
         return True
 
     def __getattr__(self, name: str):

@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ai_core.catalogue import label_groups_from_names
-from ai_core.components import fill_enclosed_background, fill_fluid_notches, keep_largest_components
+from ai_core.components import FLUID_HU, fill_enclosed_background, fill_fluid_notches, keep_largest_components
 from ai_core.geometry import image_from_xyz, ras_affine, resample, resample_nearest, resampled_grid
 from ai_core.result import ModelInfo
 from ai_core.segmentation.base import (
@@ -217,14 +217,17 @@ class MonaiBundleSegmenter(Segmenter):
 
     def _fluid_notches(self, metadata: Mapping) -> tuple[list[int], float, tuple[float, float]] | None:
         """The bundle's ``cleanup.fluid_notches`` (organs, radius_mm, hu), checked; None when absent."""
-        spec = (metadata.get("cleanup") or {}).get("fluid_notches")
+        cleanup = metadata.get("cleanup") or {}
+        spec = cleanup.get("fluid_notches") if isinstance(cleanup, Mapping) else cleanup
         if not spec:
             return None
         where = f"bundle {self.bundle_dir.name}: configs/metadata.json cleanup.fluid_notches"
         try:
+            if not isinstance(spec, Mapping):
+                raise TypeError(f"found {type(spec).__name__} {spec!r}")
             organs = [str(o) for o in spec["organs"]]
             radius_mm = float(spec["radius_mm"])
-            lo, hi = (float(v) for v in spec.get("hu", (-25.0, 35.0)))
+            lo, hi = (float(v) for v in spec.get("hu", FLUID_HU))
         except (KeyError, TypeError, ValueError) as exc:
             raise SegmentationError(
                 f"{where} must be {{organs: [organ keys], radius_mm: number, hu: [low, high]}}: {exc!r}"

@@ -409,12 +409,13 @@ def phantom_cleanup(organs) -> dict:
 
     A cyst at an organ's surface is the network's hardest case (see
     ai_core.components.fill_fluid_notches); a 12 mm closing spans the phantoms' surface cysts, and
-    -25..35 HU holds their water (0-12 HU) blurred by noise and the resampling, not fat or parenchyma.
+    FLUID_HU holds their water (0-12 HU) blurred by noise and the resampling, not fat or parenchyma.
     """
+    from ai_core.components import FLUID_HU
     from ai_core.phantom.findings import FINDINGS
 
     with_cysts = [o for o in organs if "cyst" in FINDINGS.get(o, ())]
-    return {"fluid_notches": {"organs": with_cysts, "radius_mm": 12.0, "hu": [-25.0, 35.0]}} if with_cysts else {}
+    return {"fluid_notches": {"organs": with_cysts, "radius_mm": 12.0, "hu": list(FLUID_HU)}} if with_cysts else {}
 
 
 def load_init_weights(path: str | Path, network: torch.nn.Module) -> dict[str, torch.Tensor]:
