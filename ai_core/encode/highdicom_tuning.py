@@ -1,6 +1,6 @@
 """Leaner SR and SEG construction for highdicom 0.28.2 only: the same documents, sooner.
 
-SEG, about 0.35 s sooner for 270 CT slices:
+SEG, about 0.5 s sooner for 270 CT slices:
 
 - ``is_attribute_in_iod`` walks the standard's module tables (~1 ms a call) and a SEG asks it
   once per source image (whether the image's IOD is multi-frame). The answer depends only on its
@@ -14,6 +14,8 @@ SEG, about 0.35 s sooner for 270 CT slices:
   SQLite database, for querying them (~0.09 s of CPU for 948 frames). An encoder that writes the SEG
   never queries it, so ``segmentation_class()`` gives a ``Segmentation`` that builds that index
   on first use instead (``DeferredIndexSegmentation``).
+- The same class makes each binary frame's mask and bits with fewer copies (~0.15 s of CPU for
+  3,200 segment-plane pairs; see ``DeferredIndexSegmentation``).
 
 SR, about 0.8 s sooner:
 
@@ -47,6 +49,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import highdicom
+import numpy as np
 import pydicom.config
 from pydicom.dataset import Dataset
 
@@ -213,7 +216,42 @@ class DeferredIndexSegmentation(highdicom.seg.Segmentation):
     The data set is the same; only ``_build_luts`` at the end of the construction is postponed
     until one of the attributes it sets is read (``__getattr__`` runs only for missing ones), or
     the object is pickled or deep-copied.
+
+    Its binary frames are also made with fewer passes over each plane. highdicom visits every
+    (segment, plane) pair, 3,200 for 12 organs on 267 slices, of which ~950 become frames:
+
+    - a label-map plane's mask of one segment stays the boolean comparison, instead of being
+      copied to uint8; ``np.any``, which decides whether the frame is empty, is ~5x faster on it;
+    - a frame is bit-packed straight from its 0/1 pixels: pydicom's ``pack_bits`` first proves
+      them binary with two more copies, where one maximum does.
+
+    The frames, and the file, are the same bytes (tests/test_encode.py).
     """
+
+    def _get_segment_pixel_array(self, pixel_array: np.ndarray, segment_number: int,  # type: ignore[override]
+                                 described_segment_numbers: np.ndarray,
+                                 segmentation_type: highdicom.seg.SegmentationTypeValues,
+                                 max_fractional_value: int, dtype: type) -> np.ndarray:
+        # highdicom calls it on the instance; its own is a static method with these arguments
+        native = self.__dict__.get("_native_frames")
+        if native is None:  # asked once: a data set attribute is slow to read 3,000 times
+            native = self.__dict__["_native_frames"] = not self.file_meta.TransferSyntaxUID.is_encapsulated
+        if (native and pixel_array.ndim == 2 and pixel_array.dtype.kind == "u"
+                and segmentation_type == highdicom.seg.SegmentationTypeValues.BINARY):
+            # highdicom's answer is (plane == number).astype(uint8): the same 0/1 values; frames
+            # of a native transfer syntax are flattened into uint8 before packing.
+            return pixel_array == segment_number
+        return highdicom.seg.Segmentation._get_segment_pixel_array(
+            pixel_array, segment_number, described_segment_numbers, segmentation_type, max_fractional_value,
+            dtype)
+
+    def _encode_pixels_native(self, planes: np.ndarray) -> bytes:
+        if self.BitsAllocated != 1 or planes.dtype.kind not in "bu" or planes.size == 0:
+            return super()._encode_pixels_native(planes)
+        if planes.max() > 1:  # the error pydicom's pack_bits gives
+            raise ValueError("Only binary arrays (containing ones or zeroes) can be packed.")
+        # pack_bits(planes, pad=False): flattened, little bit order, the last byte zero-filled
+        return np.packbits(planes.ravel(), bitorder="little").tobytes()
 
     def _build_luts(self) -> None:
         self.__dict__["_index_deferred"] = True
