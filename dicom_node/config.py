@@ -134,12 +134,20 @@ class DefaultAction(Strict):
 class Pipeline(Strict):
     """An AI pipeline: segmentation backend, VLP model and device."""
 
-    segmentation: str = "builtin"  # builtin | monai_bundle | totalsegmentator
+    # ai_core.segmentation.BACKENDS (a test keeps the two equal; importing it here would load torch)
+    segmentation: Literal["builtin", "monai_bundle", "totalsegmentator"] = "builtin"
     segmentation_path: str | None = None  # bundle directory for monai_bundle
     segmentation_fast: bool = True  # TotalSegmentator fast mode
     model: str = "demo"  # "demo" or a checkpoint path
     device: Literal["cpu", "cuda", "auto"] = "auto"  # auto = cuda when present
     extra_findings: dict[str, dict[str, list[str]]] = {}  # organ -> finding -> [negative, positive]
+
+    @model_validator(mode="after")
+    def _bundle_path(self) -> "Pipeline":
+        # found at start, not when the first series has waited for its analysis
+        if self.segmentation == "monai_bundle" and not self.segmentation_path:
+            raise ValueError("segmentation monai_bundle needs segmentation_path: the MONAI bundle's directory")
+        return self
 
 
 class Workers(Strict):

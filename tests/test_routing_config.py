@@ -100,6 +100,22 @@ def test_config_errors_name_key_value_and_allowed(tmp_path):
     assert "bogus" in msg and "unknown key" in msg
 
 
+def test_a_pipeline_with_an_unknown_segmenter_or_no_bundle_stops_the_start(tmp_path):
+    import typing
+
+    from ai_core.segmentation import BACKENDS
+    from dicom_node.config import Pipeline
+
+    assert typing.get_args(Pipeline.model_fields["segmentation"].annotation) == BACKENDS
+    p = tmp_path / "c.yaml"
+    p.write_text("pipelines:\n  default: {segmentation: monai-bundle}\n  bundle: {segmentation: monai_bundle}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, environ={})
+    msg = str(e.value)
+    assert "pipelines.default.segmentation = 'monai-bundle'" in msg and "'monai_bundle'" in msg
+    assert "pipelines.bundle" in msg and "needs segmentation_path" in msg
+
+
 def test_rule_naming_an_unknown_destination_is_refused():
     with pytest.raises(Exception, match="names destination 'nowhere'"):
         _config([{"name": "r", "match": {}, "forward": ["nowhere"]}])
