@@ -381,9 +381,8 @@ def test_pipeline_probabilities_equal_the_model_on_the_same_window(case, model, 
 
 # Anatomy seeds no trainer uses (segmentation: 0.., 500000.., 900000..; VLP: balanced sets 1000 and 2000).
 HELD_OUT_SEED = 7_770_000
-# Findings the demo models decide reliably end to end (AUC 0.94-1.0 in `dicom-node
-# evaluate --phantoms 20 --seed 4000`): what the demo model must get right. Cysts and focal
-# lesions are not yet among them (see the README's model table).
+# Findings whose decision (probability against the calibrated threshold, not only the ranking that
+# AUC measures) must be right on single cases; the last test below checks every finding's AUC.
 OBVIOUS = [("spleen", "enlargement"), ("heart", "enlargement"), ("liver", "steatosis"),
            ("pancreas", "calcification"), ("liver", "atrophy")]
 
@@ -419,3 +418,22 @@ def test_demo_pipeline_decides_large_findings_on_held_out_phantoms(tmp_path, dem
         if decisions(result)[pair] != "absent":
             wrong.append(f"{pair} in the normal seed {HELD_OUT_SEED + 100}: {decisions(result)[pair]}")
     assert not wrong, wrong
+
+
+def test_demo_models_meet_the_accuracy_goal_on_forty_fresh_phantoms(demo_pipeline):
+    # Issue 3's bar, end to end (segmenter masks, not the truth): every organ's mean Dice >= 0.85,
+    # macro AUC >= 0.95, no finding below 0.85, on 40 cases of a balanced set no trainer uses
+    # (`dicom-node evaluate --phantoms 40 --seed 4000`: 0.902 / 0.995 / 0.958 with the shipped pair).
+    import math
+
+    from ai_core.evaluation import evaluate_phantoms
+    from ai_core.phantom.findings import SUPPORTED_PAIRS
+
+    report = evaluate_phantoms(demo_pipeline, 40, 4000)
+    dice = report.mean_dice()
+    aucs = {k: f.auc for k, f in report.findings.items() if not math.isnan(f.auc)}
+    assert set(dice) == set(PHANTOM_ORGANS)
+    assert len(aucs) == len(SUPPORTED_PAIRS), "every finding present in some cases and absent in others"
+    assert not {o: d for o, d in dice.items() if d < 0.85}, dice
+    assert not {k: a for k, a in aucs.items() if a < 0.85}, sorted(aucs.items(), key=lambda kv: kv[1])[:5]
+    assert report.summary()["macro_auc"] >= 0.95, report.summary()
