@@ -277,6 +277,9 @@ def test_no_worker_outlives_the_node(tmp_path):
     pgid = node.proc.pid
     try:
         node.wait_for(lambda: len(_group(pgid)) >= 3, what="the node and its two workers")
+        # running, not still being spawned (a spawned child whose parent dies while it reads its
+        # start-up data from the parent ends with an EOFError before it can notice anything)
+        node.wait_for(lambda: len(re.findall(r"worker \S+ started", node.log())) >= 2, what="both workers running")
         node.proc.kill()
         node.proc.wait(10)
         node.wait_for(lambda: not _group(pgid), timeout=30, what="the orphaned workers to stop by themselves")

@@ -23,10 +23,12 @@ def run(args) -> int:
 
     config = config_from(args)
     logging.getLogger().setLevel(config.log_level if not args.verbose else logging.DEBUG)
-    node = Node(config, workers=args.workers).start()
+    # Handlers first: a stop requested while the node starts (systemd's, during a slow start-up)
+    # is then carried out once it has started, instead of killing it half-started.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    node = Node(config, workers=args.workers).start()
     print(f"dicom-node: listening on {', '.join(f'{l.ae_title}@{l.host}:{l.port}' for l in config.listeners)}; "
           f"data in {config.data_dir}; Ctrl-C to stop", flush=True)
     # A signal sent to the process may be delivered to any of its threads (the heartbeat, the
