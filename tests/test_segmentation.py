@@ -107,6 +107,9 @@ def test_bundle_errors_name_the_fix(tmp_path):
         make_segmenter("monai_bundle", bundle_dir=threshold_bundle(tmp_path / "e", cleanup={"fluid_notches": {"organs": ["liver"]}}))
     with pytest.raises(SegmentationError, match="must be {organs: .*found list"):
         make_segmenter("monai_bundle", bundle_dir=threshold_bundle(tmp_path / "f", cleanup={"fluid_notches": ["liver"]}))
+    for bad, name in (({"fluid_notch": {"organs": ["liver"], "radius_mm": 12}}, "g"), (["fluid_notches"], "h")):
+        with pytest.raises(SegmentationError, match="cleanup must be a mapping whose only key is fluid_notches"):
+            make_segmenter("monai_bundle", bundle_dir=threshold_bundle(tmp_path / name, cleanup=bad))
 
 
 def test_map_classes_with_a_synthetic_label_map():

@@ -218,7 +218,13 @@ class MonaiBundleSegmenter(Segmenter):
     def _fluid_notches(self, metadata: Mapping) -> tuple[list[int], float, tuple[float, float]] | None:
         """The bundle's ``cleanup.fluid_notches`` (organs, radius_mm, hu), checked; None when absent."""
         cleanup = metadata.get("cleanup") or {}
-        spec = cleanup.get("fluid_notches") if isinstance(cleanup, Mapping) else cleanup
+        if not isinstance(cleanup, Mapping) or set(cleanup) - {"fluid_notches"}:
+            # a misspelt key would otherwise leave the clean-up off without a word
+            raise SegmentationError(
+                f"bundle {self.bundle_dir.name}: configs/metadata.json cleanup must be a mapping whose only "
+                f"key is fluid_notches; found {cleanup!r}"
+            )
+        spec = cleanup.get("fluid_notches")
         if not spec:
             return None
         where = f"bundle {self.bundle_dir.name}: configs/metadata.json cleanup.fluid_notches"
