@@ -241,9 +241,8 @@ class DeferredIndexSegmentation(highdicom.seg.Segmentation):
             # highdicom's answer is (plane == number).astype(uint8): the same 0/1 values; frames
             # of a native transfer syntax are flattened into uint8 before packing.
             return pixel_array == segment_number
-        return highdicom.seg.Segmentation._get_segment_pixel_array(
-            pixel_array, segment_number, described_segment_numbers, segmentation_type, max_fractional_value,
-            dtype)
+        return super()._get_segment_pixel_array(pixel_array, segment_number, described_segment_numbers,
+                                                segmentation_type, max_fractional_value, dtype)
 
     def _encode_pixels_native(self, planes: np.ndarray) -> bytes:
         if self.BitsAllocated != 1 or planes.dtype.kind not in "bu" or planes.size == 0:
