@@ -499,6 +499,142 @@ def _wrap_send_pdu(original):
     return send_pdu
 
 
+# sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call
+_IOV_CHUNK = 512
+
+
+def _file_meta(data) -> tuple[dict[int, str], int] | None:
+    """The UI values of a Part 10 file's meta group (by element) and the data set's offset, or None."""
+    if len(data) < 144 or data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    group_length = struct.unpack_from("<HL", data, 138)
+    if group_length[0] != 4:
+        return None
+    end = 144 + group_length[1]
+    if end > len(data):
+        return None
+    values: dict[int, str] = {}
+    pos = 144
+    while pos < end:
+        if pos + 8 > end:
+            return None
+        group, element = struct.unpack_from("<HH", data, pos)
+        vr = bytes(data[pos + 4:pos + 6])
+        if group != 2:
+            return None
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+            if pos + 12 > end:
+                return None
+            length, start = struct.unpack_from("<L", data, pos + 8)[0], pos + 12
+        else:
+            length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+        if start + length > end:
+            return None
+        if vr == b"UI":
+            try:
+                values[element] = bytes(data[start:start + length]).decode("ascii").rstrip("\0 ")
+            except UnicodeDecodeError:
+                return None
+        pos = start + length
+    return values, end
+
+
+def c_store_rq_command(sop_class: str, sop_instance: str, msg_id: int, priority: int = 2) -> bytes:
+    """The Implicit VR Little Endian command set of a C-STORE-RQ with a data set, as pynetdicom encodes it."""
+    def ui(element: int, value: str) -> bytes:
+        raw = value.encode("ascii")
+        if len(raw) % 2:
+            raw += b"\0"
+        return struct.pack("<HHL", 0, element, len(raw)) + raw
+
+    def us(element: int, value: int) -> bytes:
+        return struct.pack("<HHLH", 0, element, 2, value)
+
+    body = b"".join((ui(0x0002, sop_class), us(0x0100, 0x0001), us(0x0110, msg_id), us(0x0700, priority),
+                     us(0x0800, 0x0001), ui(0x1000, sop_instance)))
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+def _pdata_pdus(context_id: int, control: int, last: int, data: memoryview, fragment: int) -> list:
+    """One P-DATA-TF PDU (header, then a view of the value) per fragment of ``data``."""
+    parts = []
+    n = len(data)
+    step = fragment if fragment > 0 else max(n, 1)
+    for offset in range(0, max(n, 1), step):
+        chunk = data[offset:offset + step]
+        flag = last if offset + step >= n else control
+        parts.append(struct.pack(">BBLLBB", 0x04, 0x00, 6 + len(chunk), 2 + len(chunk), context_id, flag))
+        parts.append(chunk)
+    return parts
+
+
+_SENT_EVENTS = (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_DIMSE_SENT)
+
+
+def store_file(assoc, context_id: int, path, transfer_syntax: str, msg_id: int = 1) -> Dataset | None:
+    """C-STORE a Part 10 file's data set as stored, encoding the message directly; None to use pynetdicom.
+
+    The same bytes pynetdicom sends for ``send_c_store(path)`` (command set, one PDV per
+    P-DATA-TF PDU, fragments of the peer's maximum length), without its per-message pydicom
+    datasets, primitives and copies of each fragment: the file is read once and its PDUs go out in
+    one ``sendmsg`` of views of it. Returns the response status like ``send_c_store``, or None
+    (nothing sent) when anything is unusual: another pynetdicom version, TLS, event handlers that
+    want the sent PDUs or messages, a file meta group it does not read, or a file whose transfer
+    syntax is not ``transfer_syntax`` (the presentation context's).
+    """
+    dul = assoc.dul
+    lock = getattr(dul, "_ctvlp_send_lock", None)
+    raw = getattr(dul.socket, "socket", None) if dul.socket is not None else None
+    if (not _applied or lock is None or not assoc.is_requestor or not assoc.is_established or raw is None
+            or isinstance(raw, ssl.SSLSocket) or any(assoc.get_handlers(e) for e in _SENT_EVENTS)):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    meta = _file_meta(data)
+    if meta is None:
+        return None
+    values, offset = meta
+    sop_class, sop_instance = values.get(0x0002), values.get(0x0003)
+    if not sop_class or not sop_instance or values.get(0x0010) != str(transfer_syntax):
+        return None
+    peer_max = assoc.dimse.maximum_pdu_size
+    fragment = peer_max - 6 if peer_max else 0
+    view = memoryview(data)
+    parts = _pdata_pdus(context_id, 0x01, 0x03, memoryview(c_store_rq_command(sop_class, sop_instance, msg_id)),
+                        fragment)
+    parts += _pdata_pdus(context_id, 0x00, 0x02, view[offset:], fragment)
+    # as send_c_store: pause the reactor first, so that it cannot take the response off the queue
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    while not assoc._is_paused:
+        _time.sleep(0.0001)
+    sent = False
+    with lock:
+        if dul.state_machine.current_state == "Sta6":  # established: DT-1 sends and stays in Sta6
+            sent = True
+            try:
+                for start in range(0, len(parts), _IOV_CHUNK):
+                    views = parts[start:start + _IOV_CHUNK]
+                    while views:
+                        n = raw.sendmsg(views)
+                        while views and n >= len(views[0]):
+                            n -= len(views[0])
+                            views.pop(0)
+                        if views:
+                            views[0] = memoryview(views[0])[n:]
+            except Exception:  # as AssociationSocket.send: the connection is gone
+                dul.socket.event_queue.put("Evt17")
+    if not sent:
+        checkpoint.set()
+        return None
+    _cx, rsp = assoc.dimse.get_msg(block=True)
+    checkpoint.set()
+    if rsp is None:
+        assoc._handle_no_response()
+        return Dataset()
+    return assoc._check_received_status(rsp)
+
+
 def apply() -> bool:
     """Install the overrides once; False (and a warning) when pynetdicom is not the pinned version."""
     global _applied

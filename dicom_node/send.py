@@ -6,6 +6,7 @@ otherwise they are decompressed and sent as Explicit VR Little Endian.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import deque
@@ -76,8 +77,9 @@ def _contexts(items: list[Outgoing]) -> list:
     return contexts
 
 
-def _accepted(assoc) -> dict[tuple[str, str], bool]:
-    return {(cx.abstract_syntax, cx.transfer_syntax[0]): True for cx in assoc.accepted_contexts}
+def _accepted(assoc) -> dict[tuple[str, str], int]:
+    """The accepted presentation contexts' IDs by (SOP class, transfer syntax)."""
+    return {(cx.abstract_syntax, cx.transfer_syntax[0]): cx.context_id for cx in assoc.accepted_contexts}
 
 
 def send_files(dest: Destination, items: Iterable[Outgoing], *, calling_ae: str) -> dict[str, SendOutcome]:
@@ -133,13 +135,14 @@ def _drain(assoc, queue: deque[Outgoing], outcomes: dict[str, SendOutcome]) -> N
     """Send files from ``queue`` over ``assoc`` until the queue is empty or the association lost; release it."""
     try:
         accepted = _accepted(assoc)
+        msg_ids = itertools.count()
         while assoc.is_established:
             try:
                 it = queue.popleft()  # atomic: two associations never send the same file
             except IndexError:
                 break
             try:
-                outcomes[it.sop_instance_uid] = _send_one(assoc, accepted, it)
+                outcomes[it.sop_instance_uid] = _send_one(assoc, accepted, it, next(msg_ids) % 0xFFFF + 1)
             except Exception as exc:  # in a sending thread it would vanish with the thread: say so
                 log.exception("sending %s to %s failed", it.path.name, assoc.acceptor.ae_title)
                 outcomes[it.sop_instance_uid] = SendOutcome(None, f"{type(exc).__name__}: {exc}")
@@ -158,10 +161,14 @@ def _open_and_drain(dest: Destination, contexts: list, queue: deque[Outgoing], o
     _drain(assoc, queue, outcomes)
 
 
-def _send_one(assoc, accepted: dict, it: Outgoing) -> SendOutcome:
+def _send_one(assoc, accepted: dict, it: Outgoing, msg_id: int) -> SendOutcome:
     try:
-        if (it.sop_class_uid, it.transfer_syntax_uid) in accepted:
-            rsp = assoc.send_c_store(it.path)
+        context_id = accepted.get((it.sop_class_uid, it.transfer_syntax_uid))
+        if context_id is not None:
+            # the file as stored; pynetdicom's own path when the direct encoder declines it
+            rsp = pynetdicom_tuning.store_file(assoc, context_id, it.path, it.transfer_syntax_uid, msg_id)
+            if rsp is None:
+                rsp = assoc.send_c_store(it.path, msg_id=msg_id)
         else:
             fallback = next((ts for ts in UNCOMPRESSED if (it.sop_class_uid, ts) in accepted), None)
             if fallback is None:
@@ -173,7 +180,7 @@ def _send_one(assoc, accepted: dict, it: Outgoing) -> SendOutcome:
                 ds.file_meta.TransferSyntaxUID = fallback
             ds.is_implicit_VR = fallback == ImplicitVRLittleEndian
             ds.is_little_endian = True
-            rsp = assoc.send_c_store(ds)
+            rsp = assoc.send_c_store(ds, msg_id=msg_id)
     except (OSError, ValueError, AttributeError, RuntimeError) as exc:
         return SendOutcome(None, f"{type(exc).__name__}: {exc}")
     if "Status" not in rsp:

@@ -355,3 +355,106 @@ def test_store_arriving_before_the_acceptor_is_established_still_gets_its_respon
         assert len(stored) == 2
     finally:
         server.shutdown()
+
+
+def test_c_store_request_command_is_the_one_pynetdicom_encodes():
+    from pynetdicom import dimse_messages, dsutils
+    from pynetdicom.dimse_primitives import C_STORE
+
+    for sop_instance, msg_id in (("1.2.3.4.5", 1), ("1.2.3.4.56", 65535), ("2.25." + "9" * 39, 300)):
+        req = C_STORE()
+        req.MessageID = msg_id
+        req.AffectedSOPClassUID = CTImageStorage
+        req.AffectedSOPInstanceUID = sop_instance
+        req.Priority = 2
+        req._dataset_path = ("unused", 0)  # a data set follows, as in send_c_store(path)
+        msg = dimse_messages.C_STORE_RQ()
+        msg.primitive_to_message(req)
+        assert pynetdicom_tuning.c_store_rq_command(CTImageStorage, sop_instance, msg_id) == \
+            dsutils.encode(msg.command_set, True, True)
+
+
+def _recording_scp(max_pdu: int):
+    """A pynetdicom SCP that records each association's raw P-DATA PDUs and stores datasets."""
+    received: list[list[bytes]] = []
+    stored = {}
+
+    def on_open(event):
+        received.append([])
+
+    def on_data(event):
+        if event.data[:1] == b"\x04":
+            received[-1].append(bytes(event.data))
+
+    def on_store(event):
+        stored[event.request.AffectedSOPInstanceUID] = event.request.DataSet.getvalue()
+        return 0x0000
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage)
+    scp.maximum_pdu_size = max_pdu
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_CONN_OPEN, on_open), (evt.EVT_DATA_RECV, on_data), (evt.EVT_C_STORE, on_store)])
+    return server, port, received, stored
+
+
+def test_store_file_sends_exactly_what_pynetdicom_sends_for_the_file(tmp_path):
+    """Same P-DATA PDUs byte for byte (command, fragments, control bytes), also past 512 buffers per image."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    pynetdicom_tuning.apply()
+    # 768 x 768 x 2 bytes in 4 KiB PDUs: ~290 PDUs, more than one sendmsg's worth of buffers
+    files = make_ct_series(tmp_path / "ct", n_slices=2, rows=768, cols=768)
+    server, port, received, stored = _recording_scp(4096)
+    try:
+        for direct in (True, False):
+            ae = AE(ae_title="SCU")
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+            assert assoc.is_established
+            cx = assoc.accepted_contexts[0].context_id
+            for i, f in enumerate(files, start=7):
+                if direct:
+                    status = pynetdicom_tuning.store_file(assoc, cx, f, ExplicitVRLittleEndian, msg_id=i)
+                else:
+                    status = assoc.send_c_store(f, msg_id=i)
+                assert status is not None and status.Status == 0
+            assoc.release()
+    finally:
+        server.shutdown()
+    direct_pdus, pynetdicom_pdus = received
+    assert len(direct_pdus) > 2 * 256 and direct_pdus == pynetdicom_pdus
+    for f in files:
+        raw = f.read_bytes()
+        ds = dcmread(f)
+        assert raw.endswith(stored[ds.SOPInstanceUID])  # the data set as stored, after the file meta
+        assert len(stored[ds.SOPInstanceUID]) > 768 * 768 * 2
+
+
+def test_store_file_declines_what_it_does_not_read_and_sends_nothing(tmp_path):
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom.dsutils import split_dataset
+
+    pynetdicom_tuning.apply()
+    f = make_ct_series(tmp_path / "ct", n_slices=1, rows=64, cols=64)[0]
+    no_meta = tmp_path / "no_meta.dcm"  # a bare data set: no preamble, no file meta group
+    no_meta.write_bytes(f.read_bytes()[split_dataset(f)[1]:])
+    server, port, received, stored = _recording_scp(16384)
+    try:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+        cx = assoc.accepted_contexts[0].context_id
+        assert pynetdicom_tuning.store_file(assoc, cx, no_meta, ExplicitVRLittleEndian) is None
+        # the file is Explicit VR; a context for another transfer syntax must not carry it
+        assert pynetdicom_tuning.store_file(assoc, cx, f, ImplicitVRLittleEndian) is None
+        seen = []
+        assoc.bind(evt.EVT_PDU_SENT, lambda event: seen.append(event))  # someone wants the PDUs
+        assert pynetdicom_tuning.store_file(assoc, cx, f, ExplicitVRLittleEndian) is None
+        assert received[-1] == [] and not stored  # nothing went out
+        assert assoc.send_c_store(f).Status == 0  # and the association still works
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert seen and len(stored) == 1
