@@ -39,6 +39,19 @@ The overrides below keep pynetdicom's logic and only change how it waits and rea
   copy instead of ``copy.deepcopy`` (~100 ms per association, all of it pydicom UID objects
   that are never mutated).
 
+Two direct paths skip pynetdicom's message layer for the one message the node moves in bulk,
+C-STORE, and fall back to it for anything unusual; each is tested to put the same bytes on the
+wire as pynetdicom does:
+
+- ``store_file`` (the node's SCU, ``send.py``) sends a stored Part 10 file: the command set
+  encoded directly, the file read once, its P-DATA-TF PDUs sent with one ``sendmsg`` of views
+  (pynetdicom builds a request primitive, a message with a pre-filled pydicom command dataset,
+  and a copy of every 128 KiB fragment per image);
+- an acceptor whose C-STORE handler offers ``store_raw`` (the node's ``StoreHandler``) takes each
+  C-STORE request from its P-DATA-TF items on the DUL thread that read them, calls the handler
+  and sends the response directly (pynetdicom runs its state machine and DIMSE decoder per PDU,
+  then builds a request primitive, an event, a status dataset and a response message per image).
+
 ``apply()`` refuses to patch any other pynetdicom version (the node then runs unpatched, slower,
 and says so); ``tests/test_pynetdicom_tuning.py`` covers the behaviour.
 """
@@ -55,6 +68,7 @@ import threading
 import copy
 import functools
 import time as _time
+from io import BytesIO
 
 import pynetdicom
 from pynetdicom import _config
@@ -397,8 +411,8 @@ def _wrap_read_pdu_data(original):
                               f"{length + 6} bytes received)")
             self.event_queue.put("Evt17")
             return None
-        pdu = P_DATA_TF()
         view = memoryview(body)
+        items = []
         offset = 0
         while offset < length:
             if offset + 5 > length:
@@ -407,15 +421,20 @@ def _wrap_read_pdu_data(original):
             end = offset + 4 + item_length
             if item_length < 1 or end > length:
                 break
-            item = PresentationDataValueItem()
-            item.presentation_context_id = body[offset + 4]
-            item.presentation_data_value = view[offset + 5:end]
-            pdu.presentation_data_value_items.append(item)
+            items.append((body[offset + 4], view[offset + 5:end]))
             offset = end
         if offset != length:
             _dul.LOGGER.error("Unable to decode the received PDU data")
             self.event_queue.put("Evt19")
             return None
+        if _take_store(self, items):
+            return None
+        pdu = P_DATA_TF()
+        for context_id, value in items:
+            item = PresentationDataValueItem()
+            item.presentation_context_id = context_id
+            item.presentation_data_value = value
+            pdu.presentation_data_value_items.append(item)
         evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
         self.event_queue.put("Evt10")
         self._recv_pdu.put(pdu)
@@ -539,19 +558,21 @@ def _file_meta(data) -> tuple[dict[int, str], int] | None:
     return values, end
 
 
+def _ui(element: int, value: str) -> bytes:
+    raw = value.encode("ascii")
+    if len(raw) % 2:
+        raw += b"\0"
+    return struct.pack("<HHL", 0, element, len(raw)) + raw
+
+
+def _us(element: int, value: int) -> bytes:
+    return struct.pack("<HHLH", 0, element, 2, value)
+
+
 def c_store_rq_command(sop_class: str, sop_instance: str, msg_id: int, priority: int = 2) -> bytes:
     """The Implicit VR Little Endian command set of a C-STORE-RQ with a data set, as pynetdicom encodes it."""
-    def ui(element: int, value: str) -> bytes:
-        raw = value.encode("ascii")
-        if len(raw) % 2:
-            raw += b"\0"
-        return struct.pack("<HHL", 0, element, len(raw)) + raw
-
-    def us(element: int, value: int) -> bytes:
-        return struct.pack("<HHLH", 0, element, 2, value)
-
-    body = b"".join((ui(0x0002, sop_class), us(0x0100, 0x0001), us(0x0110, msg_id), us(0x0700, priority),
-                     us(0x0800, 0x0001), ui(0x1000, sop_instance)))
+    body = b"".join((_ui(0x0002, sop_class), _us(0x0100, 0x0001), _us(0x0110, msg_id), _us(0x0700, priority),
+                     _us(0x0800, 0x0001), _ui(0x1000, sop_instance)))
     return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
 
 
@@ -633,6 +654,156 @@ def store_file(assoc, context_id: int, path, transfer_syntax: str, msg_id: int =
         assoc._handle_no_response()
         return Dataset()
     return assoc._check_received_status(rsp)
+
+
+def c_store_rsp_command(sop_class: str, sop_instance: str, msg_id: int, status: int,
+                        comment: str | None = None) -> bytes:
+    """The Implicit VR Little Endian command set of a C-STORE-RSP, as pynetdicom encodes it."""
+    elements = [_ui(0x0002, sop_class), _us(0x0100, 0x8001), _us(0x0120, msg_id), _us(0x0800, 0x0101),
+                _us(0x0900, status)]
+    if comment:
+        raw = comment[:64].encode("ascii", "replace")
+        if len(raw) % 2:
+            raw += b" "
+        elements.append(struct.pack("<HHL", 0, 0x0902, len(raw)) + raw)
+    elements.append(_ui(0x1000, sop_instance))
+    body = b"".join(elements)
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+# what a C-STORE-RQ command set may hold for the receive path below: anything else goes to pynetdicom
+_STORE_RQ_ELEMENTS = {0x0000: "UL", 0x0002: "UI", 0x0100: "US", 0x0110: "US", 0x0700: "US", 0x0800: "US",
+                      0x1000: "UI", 0x1030: "AE", 0x1031: "US"}
+_RECEIVE_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_DATA_RECV, evt.EVT_DIMSE_RECV, evt.EVT_PDU_SENT,
+                   evt.EVT_DATA_SENT, evt.EVT_DIMSE_SENT)
+
+
+def _store_request(raw) -> tuple[str, str, int] | None:
+    """(SOP class, SOP instance, message ID) of a C-STORE-RQ command set with a data set, or None."""
+    values: dict[int, object] = {}
+    pos, end = 0, len(raw)
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, element, length = struct.unpack_from("<HHL", raw, pos)
+        pos += 8
+        vr = _STORE_RQ_ELEMENTS.get(element)
+        if group != 0 or vr is None or pos + length > end or element in values:
+            return None
+        value = raw[pos:pos + length]
+        pos += length
+        if vr == "US" or vr == "UL":
+            if length != (2 if vr == "US" else 4):
+                return None
+            values[element] = int.from_bytes(value, "little")
+        else:
+            try:
+                values[element] = bytes(value).decode("ascii").rstrip("\0 ")
+            except UnicodeDecodeError:
+                return None
+    sop_class, sop_instance, msg_id = values.get(0x0002), values.get(0x1000), values.get(0x0110)
+    if (values.get(0x0100) != 0x0001 or values.get(0x0800, 0x0101) == 0x0101 or not sop_class
+            or not sop_instance or msg_id is None):
+        return None
+    return sop_class, sop_instance, msg_id
+
+
+class _Incoming:
+    """A C-STORE request that the receive path below is taking in: its command and data fragments."""
+
+    __slots__ = ("context", "sop_class", "sop_instance", "msg_id", "handler", "fragments")
+
+    def __init__(self, context, sop_class: str, sop_instance: str, msg_id: int, handler) -> None:
+        self.context = context
+        self.sop_class = sop_class
+        self.sop_instance = sop_instance
+        self.msg_id = msg_id
+        self.handler = handler
+        self.fragments: list = []
+
+
+def _take_store(dul, items: list) -> bool:
+    """Serve C-STORE requests straight from their P-DATA-TF items; False leaves the PDU to pynetdicom.
+
+    An acceptor whose EVT_C_STORE handler has a ``store_raw`` method (the node's) gets each
+    C-STORE request here, on the DUL thread that read it: the command set decoded directly, the
+    data fragments joined once, the handler called, and the response encoded and sent directly.
+    pynetdicom would run its state machine and DIMSE decoder for every PDU and build a request
+    primitive, an event and a response message, with pydicom datasets, per image. A request is
+    only taken when it starts in a PDU of its own with the whole command set, on an established
+    association, on an accepted context of a storage SOP class, with no other message being
+    decoded by pynetdicom and nobody listening to the raw PDUs or messages; anything else goes to
+    pynetdicom as before. A request that is taken is finished here: a data fragment of another
+    context, or a command in the middle of its data, aborts the association (pynetdicom would
+    answer neither).
+    """
+    assoc = dul.assoc
+    incoming = dul.__dict__.get("_ctvlp_incoming")
+    if incoming is None:
+        if len(items) != 1:
+            return False
+        context_id, value = items[0]
+        if len(value) < 2 or value[0] != 0x03 or not assoc.is_acceptor:
+            return False
+        handler, args = assoc.get_handlers(evt.EVT_C_STORE)
+        store_raw = getattr(handler, "store_raw", None)
+        if (store_raw is None or args or not assoc.is_established or assoc._sent_release or assoc._kill
+                or assoc.dimse.message is not None or any(assoc.get_handlers(e) for e in _RECEIVE_EVENTS)):
+            return False
+        request = _store_request(value[1:])
+        context = assoc._accepted_cx.get(context_id)
+        if request is None or context is None or _config.UNRESTRICTED_STORAGE_SERVICE:
+            return False
+        sop_class, sop_instance, msg_id = request
+        if (sop_class in assoc.acceptor.accepted_common_extended
+                or uid_to_service_class(sop_class) is not StorageServiceClass):
+            return False
+        dul._ctvlp_incoming = _Incoming(context, sop_class, sop_instance, msg_id, store_raw)
+        return True
+    for i, (context_id, value) in enumerate(items):
+        if context_id != incoming.context.context_id or len(value) < 1 or value[0] & 0x01 or (
+                value[0] & 0x02 and i != len(items) - 1):
+            dul._ctvlp_incoming = None
+            log.error("C-STORE data fragment out of order on context %d; aborting the association", context_id)
+            assoc.abort()
+            return True
+        incoming.fragments.append(value[1:])
+        if value[0] & 0x02:
+            dul._ctvlp_incoming = None
+            _answer_store(dul, incoming)
+    return True
+
+
+def _answer_store(dul, incoming: _Incoming) -> None:
+    assoc = dul.assoc
+    data = BytesIO(b"".join(incoming.fragments))
+    incoming.fragments.clear()  # the PDU buffers can go now
+    cx = incoming.context
+    try:
+        code, comment = incoming.handler(assoc, cx.abstract_syntax, cx.transfer_syntax[0], incoming.sop_instance,
+                                         data)
+    except Exception:  # as pynetdicom answers a handler's exception
+        log.exception("exception in the C-STORE handler")
+        code, comment = 0xC211, None
+    if not assoc.is_established:
+        return
+    command = c_store_rsp_command(incoming.sop_class, incoming.sop_instance, incoming.msg_id, code, comment)
+    peer_max = assoc.dimse.maximum_pdu_size
+    parts = _pdata_pdus(cx.context_id, 0x01, 0x03, memoryview(command), peer_max - 6 if peer_max else 0)
+    raw = dul.socket.socket
+    with dul._ctvlp_send_lock:
+        if dul.state_machine.current_state != "Sta6":
+            return
+        try:
+            while parts:
+                n = raw.sendmsg(parts)
+                while parts and n >= len(parts[0]):
+                    n -= len(parts[0])
+                    parts.pop(0)
+                if parts:
+                    parts[0] = memoryview(parts[0])[n:]
+        except Exception:  # as AssociationSocket.send: the connection is gone
+            dul.socket.event_queue.put("Evt17")
 
 
 def apply() -> bool:

@@ -102,50 +102,61 @@ class StoreHandler:
         self.on_stored = on_stored
 
     def __call__(self, event: evt.Event) -> Dataset:
+        """pynetdicom's EVT_C_STORE handler."""
+        code, comment = self.store_raw(event.assoc, event.context.abstract_syntax,
+                                       str(event.context.transfer_syntax),
+                                       str(event.request.AffectedSOPInstanceUID), event.request.DataSet)
+        return status(code, comment)
+
+    def store_raw(self, assoc, abstract_syntax: str, transfer_syntax: str, sop_instance: str,
+                  stream: BytesIO) -> tuple[int, str | None]:
+        """Store one received data set; returns the C-STORE status and its Error Comment.
+
+        Called by ``__call__`` and directly by ``pynetdicom_tuning``'s C-STORE receive path.
+        """
         try:
-            return self._handle(event)
+            return self._handle(assoc, abstract_syntax, UID(transfer_syntax), sop_instance.strip(), stream)
         except Exception as exc:  # never answer Success on an unexpected failure
             log.exception("C-STORE failed unexpectedly")
-            return status(OUT_OF_RESOURCES if isinstance(exc, OSError) else CANNOT_UNDERSTAND,
-                          f"internal error: {type(exc).__name__}")
+            return (OUT_OF_RESOURCES if isinstance(exc, OSError) else CANNOT_UNDERSTAND,
+                    f"internal error: {type(exc).__name__}")
 
-    def _handle(self, event: evt.Event) -> Dataset:
-        ts = UID(str(event.context.transfer_syntax))
-        stream: BytesIO = event.request.DataSet
+    def _handle(self, assoc, abstract_syntax: str, ts: UID, sop_instance: str,
+                stream: BytesIO) -> tuple[int, str | None]:
         try:
             header, pixel_problem = read_header(stream, ts)
             values = {k: str(header.get(k) or "").strip() for k in REQUIRED_UIDS}
             modality = str(header.get("Modality") or "") or None
         except Exception as exc:
             log.warning("C-STORE: dataset cannot be decoded: %s", exc)
-            return status(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}")
+            return CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}"
         missing = [k for k, v in values.items() if not v]
         if missing:
             log.warning("C-STORE: dataset lacks %s; refused", ", ".join(missing))
-            return status(CANNOT_UNDERSTAND, f"missing {', '.join(missing)}")
-        if values["SOPClassUID"] != event.context.abstract_syntax:
+            return CANNOT_UNDERSTAND, f"missing {', '.join(missing)}"
+        if values["SOPClassUID"] != abstract_syntax:
             log.warning("C-STORE: dataset SOP class %s differs from the presentation context's %s",
-                        values["SOPClassUID"], event.context.abstract_syntax)
-            return status(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the context")
-        if values["SOPInstanceUID"] != str(event.request.AffectedSOPInstanceUID).strip():
-            return status(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from the request")
+                        values["SOPClassUID"], abstract_syntax)
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the context"
+        if values["SOPInstanceUID"] != sop_instance:
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from the request"
         if pixel_problem:
             log.warning("C-STORE %s: %s", values["SOPInstanceUID"], pixel_problem)
-            return status(CANNOT_UNDERSTAND, pixel_problem)
-        calling = event.assoc.requestor.ae_title.strip()
+            return CANNOT_UNDERSTAND, pixel_problem
+        calling = assoc.requestor.ae_title.strip()
         header = part10_header(values["SOPClassUID"], values["SOPInstanceUID"], ts, calling)
         body = stream.getbuffer()
         try:
             stored = self.store.write(values["StudyInstanceUID"], values["SeriesInstanceUID"],
                                       values["SOPInstanceUID"], header, body)
         except ValueError as exc:  # a UID that cannot name a file
-            return status(CANNOT_UNDERSTAND, str(exc))
+            return CANNOT_UNDERSTAND, str(exc)
         except DiskFull as exc:
             log.error("C-STORE refused: %s; free space or lower storage.min_free_mb", exc)
-            return status(OUT_OF_RESOURCES, "disk space below the node's watermark")
+            return OUT_OF_RESOURCES, "disk space below the node's watermark"
         except OSError as exc:
             log.error("C-STORE could not be written: %s", exc)
-            return status(OUT_OF_RESOURCES, "disk full" if exc.errno == errno.ENOSPC else "write failed")
+            return OUT_OF_RESOURCES, "disk full" if exc.errno == errno.ENOSPC else "write failed"
         finally:
             body.release()
         if not stored.duplicate:
@@ -153,11 +164,11 @@ class StoreHandler:
                 study_uid=values["StudyInstanceUID"], series_uid=values["SeriesInstanceUID"],
                 sop_uid=values["SOPInstanceUID"], sop_class_uid=values["SOPClassUID"],
                 transfer_syntax_uid=str(ts), relpath=stored.relpath, size=stored.size, modality=modality,
-                calling_ae=calling, called_ae=self.listener.ae_title, peer_host=event.assoc.requestor.address),
+                calling_ae=calling, called_ae=self.listener.ae_title, peer_host=assoc.requestor.address),
                 self.listener.stable_after)
         log.debug("stored %s (%d bytes%s)", values["SOPInstanceUID"], stored.size,
                   ", identical to the stored copy" if stored.duplicate else "")
-        return status(SUCCESS)
+        return SUCCESS, None
 
 
 def _stop_at_pixels(tag, vr, length) -> bool:

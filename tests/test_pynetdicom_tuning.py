@@ -10,6 +10,7 @@ import time
 import pynetdicom
 from pydicom import dcmread
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from ai_core.phantom.series import make_ct_series
@@ -434,7 +435,6 @@ def test_store_file_sends_exactly_what_pynetdicom_sends_for_the_file(tmp_path):
 
 def test_store_file_declines_what_it_does_not_read_and_sends_nothing(tmp_path):
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-    from pynetdicom.dsutils import split_dataset
 
     pynetdicom_tuning.apply()
     f = make_ct_series(tmp_path / "ct", n_slices=1, rows=64, cols=64)[0]
@@ -458,3 +458,133 @@ def test_store_file_declines_what_it_does_not_read_and_sends_nothing(tmp_path):
     finally:
         server.shutdown()
     assert seen and len(stored) == 1
+
+
+def test_c_store_response_command_is_the_one_pynetdicom_encodes():
+    from pynetdicom import dimse_messages, dsutils
+    from pynetdicom.dimse_primitives import C_STORE
+
+    for status, comment in ((0x0000, None), (0xA700, "disk full"), (0xC000, "missing SOPInstanceUID"),
+                            (0xA900, "x" * 80)):
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = 12
+        rsp.AffectedSOPClassUID = CTImageStorage
+        rsp.AffectedSOPInstanceUID = "1.2.3.4.5"
+        rsp.Status = status
+        if comment:
+            rsp.ErrorComment = comment[:64]  # LO: pynetdicom refuses more; ours cuts it there too
+        msg = dimse_messages.C_STORE_RSP()
+        msg.primitive_to_message(rsp)
+        assert pynetdicom_tuning.c_store_rsp_command(CTImageStorage, "1.2.3.4.5", 12, status, comment) == \
+            dsutils.encode(msg.command_set, True, True)
+
+
+def test_store_request_command_parsing_takes_only_plain_c_store_requests():
+    from pynetdicom import dimse_messages, dsutils
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    command = pynetdicom_tuning.c_store_rq_command(CTImageStorage, "1.2.3.4.5", 9)
+    assert pynetdicom_tuning._store_request(command) == (CTImageStorage, "1.2.3.4.5", 9)
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = Verification
+    msg = dimse_messages.C_ECHO_RQ()
+    msg.primitive_to_message(echo)
+    assert pynetdicom_tuning._store_request(dsutils.encode(msg.command_set, True, True)) is None
+    no_data = command.replace(b"\x00\x00\x00\x08\x02\x00\x00\x00\x01\x00", b"\x00\x00\x00\x08\x02\x00\x00\x00\x01\x01")
+    assert no_data != command and pynetdicom_tuning._store_request(no_data) is None  # no data set: pynetdicom's
+    assert pynetdicom_tuning._store_request(command[:-3]) is None  # truncated
+    assert pynetdicom_tuning._store_request(command + b"\x00\x00\x02\x09\x02\x00\x00\x00\x00\x00") is None
+
+
+class _RawStore:
+    """An EVT_C_STORE handler with the node's direct entry point (``store_raw``), recording its calls."""
+
+    def __init__(self, answer=(0x0000, None)):
+        self.answer = answer
+        self.raw_calls = []
+        self.event_calls = []
+
+    def __call__(self, event):
+        self.event_calls.append(event.request.DataSet.getvalue())
+        code, comment = self.answer
+        ds = pynetdicom_tuning.Dataset()
+        ds.Status = code
+        if comment:
+            ds.ErrorComment = comment
+        return ds
+
+    def store_raw(self, assoc, abstract_syntax, transfer_syntax, sop_instance, stream):
+        self.raw_calls.append((abstract_syntax, str(transfer_syntax), sop_instance, stream.getvalue()))
+        return self.answer
+
+
+def test_acceptor_serves_c_store_directly_with_the_responses_pynetdicom_sends(tmp_path):
+    """The direct receive path hands the handler the data set as sent and answers byte for byte as
+    pynetdicom does (success and a failure with a comment); with someone listening to the messages
+    it steps aside and pynetdicom serves the same requests."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    pynetdicom_tuning.apply()
+    files = make_ct_series(tmp_path / "ct", n_slices=3, rows=256, cols=256)
+    expected = {dcmread(f).SOPInstanceUID: f.read_bytes()[split_dataset(f)[1]:] for f in files}
+    responses = {}
+    for answer in ((0x0000, None), (0xA700, "disk space below the watermark")):
+        for direct in (True, False):
+            handler = _RawStore(answer)
+            scp = AE(ae_title="SCP")
+            scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+            scp.maximum_pdu_size = 16384
+            port = free_port()
+            handlers = [(evt.EVT_C_STORE, handler)]
+            if not direct:
+                handlers.append((evt.EVT_DIMSE_RECV, lambda event: None))
+            server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+            got = []
+            try:
+                ae = AE(ae_title="SCU")
+                ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+                assoc = ae.associate("127.0.0.1", port, ae_title="SCP",
+                                     evt_handlers=[(evt.EVT_DATA_RECV, lambda event: got.append(bytes(event.data)))])
+                assert assoc.is_established
+                for i, f in enumerate(files, start=1):
+                    rsp = assoc.send_c_store(f, msg_id=i)
+                    assert rsp.Status == answer[0] and rsp.get("ErrorComment") == answer[1]
+                assoc.release()
+            finally:
+                server.shutdown()
+            if direct:
+                assert not handler.event_calls
+                assert [c[3] for c in handler.raw_calls] == list(expected.values())
+                assert {c[0] for c in handler.raw_calls} == {CTImageStorage}
+                assert {c[1] for c in handler.raw_calls} == {ExplicitVRLittleEndian}
+                assert [c[2] for c in handler.raw_calls] == list(expected)
+            else:
+                assert not handler.raw_calls and handler.event_calls == list(expected.values())
+            responses[direct] = [pdu for pdu in got if pdu[:1] == b"\x04"]  # the P-DATA: C-STORE responses
+        assert len(responses[True]) == 3 and responses[True] == responses[False]
+
+
+def test_a_fragment_out_of_order_in_a_direct_c_store_aborts_the_association():
+    class Assoc:
+        aborted = False
+
+        def abort(self):
+            self.aborted = True
+
+    class Dul:
+        pass
+
+    class Context:
+        context_id = 1
+
+    dul = Dul()
+    dul.assoc = Assoc()
+    dul._ctvlp_incoming = pynetdicom_tuning._Incoming(Context(), CTImageStorage, "1.2.3", 1, None)
+    # a command fragment where the data should continue
+    assert pynetdicom_tuning._take_store(dul, [(1, memoryview(b"\x03abc"))])
+    assert dul.assoc.aborted and dul._ctvlp_incoming is None
+    dul.assoc.aborted = False
+    dul._ctvlp_incoming = pynetdicom_tuning._Incoming(Context(), CTImageStorage, "1.2.3", 1, None)
+    assert pynetdicom_tuning._take_store(dul, [(3, memoryview(b"\x00abc"))])  # another context's data
+    assert dul.assoc.aborted and dul._ctvlp_incoming is None
