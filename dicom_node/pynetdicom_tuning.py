@@ -427,7 +427,7 @@ def _wrap_read_pdu_data(original):
             _dul.LOGGER.error("Unable to decode the received PDU data")
             self.event_queue.put("Evt19")
             return None
-        if _take_store(self, items):
+        if _take_pdata(self, items):
             return None
         pdu = P_DATA_TF()
         for context_id, value in items:
@@ -630,6 +630,7 @@ def store_file(assoc, context_id: int, path, transfer_syntax: str, msg_id: int =
     while not assoc._is_paused:
         _time.sleep(0.0001)
     sent = False
+    dul._ctvlp_awaiting = (context_id, msg_id)  # its response may be read directly (_take_pdata)
     with lock:
         if dul.state_machine.current_state == "Sta6":  # established: DT-1 sends and stays in Sta6
             sent = True
@@ -646,13 +647,17 @@ def store_file(assoc, context_id: int, path, transfer_syntax: str, msg_id: int =
             except Exception:  # as AssociationSocket.send: the connection is gone
                 dul.socket.event_queue.put("Evt17")
     if not sent:
+        dul._ctvlp_awaiting = None
         checkpoint.set()
         return None
     _cx, rsp = assoc.dimse.get_msg(block=True)
+    dul._ctvlp_awaiting = None
     checkpoint.set()
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()
+    if isinstance(rsp, Dataset):  # read directly: already the status
+        return rsp
     return assoc._check_received_status(rsp)
 
 
@@ -708,6 +713,63 @@ def _store_request(raw) -> tuple[str, str, int] | None:
     return sop_class, sop_instance, msg_id
 
 
+_STORE_RSP_ELEMENTS = {0x0000: "UL", 0x0002: "UI", 0x0100: "US", 0x0120: "US", 0x0800: "US", 0x0900: "US",
+                       0x0902: "LO", 0x1000: "UI"}
+
+
+def _store_response(raw, msg_id: int) -> Dataset | None:
+    """The status of a C-STORE-RSP command set answering ``msg_id``, as ``send_c_store`` returns it; None
+    when it is anything else (pynetdicom then decodes it)."""
+    values: dict[int, object] = {}
+    pos, end = 0, len(raw)
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, element, length = struct.unpack_from("<HHL", raw, pos)
+        pos += 8
+        vr = _STORE_RSP_ELEMENTS.get(element)
+        if group != 0 or vr is None or pos + length > end or element in values:
+            return None
+        value = raw[pos:pos + length]
+        pos += length
+        if vr == "US" or vr == "UL":
+            if length != (2 if vr == "US" else 4):
+                return None
+            values[element] = int.from_bytes(value, "little")
+        else:
+            try:
+                values[element] = bytes(value).decode("ascii").rstrip("\0 ")
+            except UnicodeDecodeError:
+                return None
+    if (values.get(0x0100) != 0x8001 or values.get(0x0120) != msg_id or values.get(0x0800) != 0x0101
+            or 0x0900 not in values):
+        return None
+    status = Dataset()
+    status.Status = values[0x0900]
+    if values.get(0x0902):
+        status.ErrorComment = values[0x0902]
+    return status
+
+
+def _take_pdata(dul, items: list) -> bool:
+    """Serve the C-STORE traffic of received P-DATA-TF items directly; False leaves them to pynetdicom."""
+    if dul.assoc.is_acceptor:
+        return _take_store(dul, items)
+    awaiting = dul.__dict__.get("_ctvlp_awaiting")
+    if awaiting is None or len(items) != 1:
+        return False
+    context_id, value = items[0]
+    # a response in one PDV of its own, to the request store_file is waiting for
+    if context_id != awaiting[0] or len(value) < 2 or value[0] != 0x03 or dul.assoc.dimse.message is not None:
+        return False
+    status = _store_response(value[1:], awaiting[1])
+    if status is None:
+        return False
+    dul._ctvlp_awaiting = None
+    dul.assoc.dimse.msg_queue.put((context_id, status))
+    return True
+
+
 class _Incoming:
     """A C-STORE request that the receive path below is taking in: its command and data fragments."""
 
@@ -743,7 +805,7 @@ def _take_store(dul, items: list) -> bool:
         if len(items) != 1:
             return False
         context_id, value = items[0]
-        if len(value) < 2 or value[0] != 0x03 or not assoc.is_acceptor:
+        if len(value) < 2 or value[0] != 0x03:
             return False
         handler, args = assoc.get_handlers(evt.EVT_C_STORE)
         store_raw = getattr(handler, "store_raw", None)

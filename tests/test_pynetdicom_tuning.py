@@ -588,3 +588,35 @@ def test_a_fragment_out_of_order_in_a_direct_c_store_aborts_the_association():
     dul._ctvlp_incoming = pynetdicom_tuning._Incoming(Context(), CTImageStorage, "1.2.3", 1, None)
     assert pynetdicom_tuning._take_store(dul, [(3, memoryview(b"\x00abc"))])  # another context's data
     assert dul.assoc.aborted and dul._ctvlp_incoming is None
+
+
+def test_store_file_reads_its_response_directly_and_returns_what_send_c_store_returns(tmp_path, monkeypatch):
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    pynetdicom_tuning.apply()
+    f = make_ct_series(tmp_path / "ct", n_slices=1, rows=64, cols=64)[0]
+    direct = []
+    parse = pynetdicom_tuning._store_response
+    monkeypatch.setattr(pynetdicom_tuning, "_store_response",
+                        lambda raw, msg_id: direct.append(parse(raw, msg_id)) or direct[-1])
+    for answer in ((0x0000, None), (0xA700, "disk space below the watermark"), (0xB000, "coerced")):
+        scp = AE(ae_title="SCP")
+        scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+        port = free_port()
+        server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, _RawStore(answer))])
+        try:
+            ae = AE(ae_title="SCU")
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+            cx = assoc.accepted_contexts[0].context_id
+            ours = pynetdicom_tuning.store_file(assoc, cx, f, ExplicitVRLittleEndian, msg_id=5)
+            theirs = assoc.send_c_store(f, msg_id=6)
+            assoc.release()
+        finally:
+            server.shutdown()
+        assert ours == theirs and ours.Status == answer[0] and ours.get("ErrorComment") == answer[1]
+    assert len(direct) == 3 and all(isinstance(d, pynetdicom_tuning.Dataset) for d in direct)
+    # anything but the awaited message's plain response is left to pynetdicom
+    rsp = pynetdicom_tuning.c_store_rsp_command(CTImageStorage, "1.2.3", 5, 0)
+    assert parse(rsp, 5) is not None and parse(rsp, 6) is None
+    assert parse(pynetdicom_tuning.c_store_rq_command(CTImageStorage, "1.2.3", 5), 5) is None
