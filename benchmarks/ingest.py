@@ -124,6 +124,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
         for kind, data in (("ingest1", one), ("ingest4", four)):
             for i, (label, (port, aet, pid)) in enumerate(targets.items()):
                 series = data[i] if kind == "ingest4" else [data[i]]
+                os.sync()  # no dirty pages of the copies or of the previous measure: they would be
+                #            written back during this one, into the fsyncs of whoever runs now
                 before = cpu_seconds(pid)
                 results[f"{kind}/{label}"] = send(port, aet, series)
                 time.sleep(0.6)  # the node's index batches land within 0.5 s: count them too
@@ -141,6 +143,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         for p in stored:
             d = dcmread(p, stop_before_pixels=True)
             items.append(Outgoing(d.SOPInstanceUID, d.SOPClassUID, d.file_meta.TransferSyntaxUID, p))
+        os.sync()
         t0, c0 = time.perf_counter(), time.process_time()
         out = send_files(cfg.destinations["scp"], items, calling_ae="CTVLP")
         results["export/node"] = len(items) / (time.perf_counter() - t0)
@@ -151,6 +154,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         oseries = orthanc.find_series(str(ds2.SeriesInstanceUID))
         req = urllib.request.Request(f"{orthanc.http_url}/modalities/SCP/store", method="POST",
                                      data=json.dumps({"Resources": [oseries["ID"]], "Synchronous": True}).encode())
+        os.sync()
         t0, c0 = time.perf_counter(), cpu_seconds(orthanc.proc.pid)
         with urllib.request.urlopen(req, timeout=600) as r:
             r.read()

@@ -827,7 +827,7 @@ def _take_store(dul, items: list) -> bool:
                 value[0] & 0x02 and i != len(items) - 1):
             dul._ctvlp_incoming = None
             log.error("C-STORE data fragment out of order on context %d; aborting the association", context_id)
-            assoc.abort()
+            assoc.abort(block=False)  # on the DUL thread: a blocking abort would wait for this thread
             return True
         incoming.fragments.append(value[1:])
         if value[0] & 0x02:

@@ -565,29 +565,39 @@ def test_acceptor_serves_c_store_directly_with_the_responses_pynetdicom_sends(tm
         assert len(responses[True]) == 3 and responses[True] == responses[False]
 
 
-def test_a_fragment_out_of_order_in_a_direct_c_store_aborts_the_association():
-    class Assoc:
-        aborted = False
+def test_a_fragment_out_of_order_in_a_direct_c_store_aborts_only_that_association(tmp_path):
+    import struct
 
-        def abort(self):
-            self.aborted = True
-
-    class Dul:
-        pass
-
-    class Context:
-        context_id = 1
-
-    dul = Dul()
-    dul.assoc = Assoc()
-    dul._ctvlp_incoming = pynetdicom_tuning._Incoming(Context(), CTImageStorage, "1.2.3", 1, None)
-    # a command fragment where the data should continue
-    assert pynetdicom_tuning._take_store(dul, [(1, memoryview(b"\x03abc"))])
-    assert dul.assoc.aborted and dul._ctvlp_incoming is None
-    dul.assoc.aborted = False
-    dul._ctvlp_incoming = pynetdicom_tuning._Incoming(Context(), CTImageStorage, "1.2.3", 1, None)
-    assert pynetdicom_tuning._take_store(dul, [(3, memoryview(b"\x00abc"))])  # another context's data
-    assert dul.assoc.aborted and dul._ctvlp_incoming is None
+    pynetdicom_tuning.apply()
+    handler = _RawStore()
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)])
+    try:
+        for bad in (b"\x00data of another context", b"\x03a command where the data should go on"):
+            ae = AE(ae_title="SCU")
+            ae.add_requested_context(CTImageStorage)
+            assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+            cx = assoc.accepted_contexts[0].context_id
+            command = b"\x03" + pynetdicom_tuning.c_store_rq_command(CTImageStorage, "1.2.3", 1)
+            other = cx + 2 if bad[0] == 0 else cx
+            pdus = b"".join(struct.pack(">BBLLB", 4, 0, 5 + len(v), 1 + len(v), c) + v
+                            for c, v in ((cx, command), (cx, b"\x00first data fragment"), (other, bad)))
+            assoc.dul.socket.socket.sendall(pdus)
+            deadline = time.monotonic() + 10
+            while not assoc.is_aborted and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert assoc.is_aborted
+        ae = AE(ae_title="SCU")  # the SCP serves the next association as before
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+        f = make_ct_series(tmp_path / "ct", n_slices=1, rows=32, cols=32)[0]
+        assert assoc.send_c_store(f).Status == 0
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert len(handler.raw_calls) == 1
 
 
 def test_store_file_reads_its_response_directly_and_returns_what_send_c_store_returns(tmp_path, monkeypatch):
