@@ -465,15 +465,8 @@ def _wrap_send(original):
             parts.append(value)
             length += 5 + len(value)
         parts.insert(0, struct.pack(">BBL", 0x04, 0x00, length))
-        views = [memoryview(p) for p in parts]
         try:
-            while views:
-                n = raw.sendmsg(views)
-                while views and n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                if views:
-                    views[0] = views[0][n:]
+            _send_all(raw, parts)
         except Exception:  # as AssociationSocket.send: the connection is gone
             sock.event_queue.put("Evt17")
             return None
@@ -520,6 +513,19 @@ def _wrap_send_pdu(original):
 
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call
 _IOV_CHUNK = 512
+
+
+def _send_all(sock: socket.socket, parts: list) -> None:
+    """Send the concatenation of ``parts`` (bytes or views) with as few ``sendmsg`` calls as it takes."""
+    for start in range(0, len(parts), _IOV_CHUNK):
+        views = parts[start:start + _IOV_CHUNK]
+        while views:
+            n = sock.sendmsg(views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views:
+                views[0] = memoryview(views[0])[n:]
 
 
 def _file_meta(data) -> tuple[dict[int, str], int] | None:
@@ -635,15 +641,7 @@ def store_file(assoc, context_id: int, path, transfer_syntax: str, msg_id: int =
         if dul.state_machine.current_state == "Sta6":  # established: DT-1 sends and stays in Sta6
             sent = True
             try:
-                for start in range(0, len(parts), _IOV_CHUNK):
-                    views = parts[start:start + _IOV_CHUNK]
-                    while views:
-                        n = raw.sendmsg(views)
-                        while views and n >= len(views[0]):
-                            n -= len(views[0])
-                            views.pop(0)
-                        if views:
-                            views[0] = memoryview(views[0])[n:]
+                _send_all(raw, parts)
             except Exception:  # as AssociationSocket.send: the connection is gone
                 dul.socket.event_queue.put("Evt17")
     if not sent:
@@ -683,8 +681,9 @@ _RECEIVE_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_DATA_RECV, evt.EVT_DIMSE_RECV, evt.
                    evt.EVT_DATA_SENT, evt.EVT_DIMSE_SENT)
 
 
-def _store_request(raw) -> tuple[str, str, int] | None:
-    """(SOP class, SOP instance, message ID) of a C-STORE-RQ command set with a data set, or None."""
+def _command_values(raw, allowed: dict[int, str]) -> dict[int, object] | None:
+    """The values of a command set's elements, by element number, when all are in ``allowed``
+    (element -> VR) and single-valued; None otherwise."""
     values: dict[int, object] = {}
     pos, end = 0, len(raw)
     while pos < end:
@@ -692,7 +691,7 @@ def _store_request(raw) -> tuple[str, str, int] | None:
             return None
         group, element, length = struct.unpack_from("<HHL", raw, pos)
         pos += 8
-        vr = _STORE_RQ_ELEMENTS.get(element)
+        vr = allowed.get(element)
         if group != 0 or vr is None or pos + length > end or element in values:
             return None
         value = raw[pos:pos + length]
@@ -706,6 +705,14 @@ def _store_request(raw) -> tuple[str, str, int] | None:
                 values[element] = bytes(value).decode("ascii").rstrip("\0 ")
             except UnicodeDecodeError:
                 return None
+    return values
+
+
+def _store_request(raw) -> tuple[str, str, int] | None:
+    """(SOP class, SOP instance, message ID) of a C-STORE-RQ command set with a data set, or None."""
+    values = _command_values(raw, _STORE_RQ_ELEMENTS)
+    if values is None:
+        return None
     sop_class, sop_instance, msg_id = values.get(0x0002), values.get(0x1000), values.get(0x0110)
     if (values.get(0x0100) != 0x0001 or values.get(0x0800, 0x0101) == 0x0101 or not sop_class
             or not sop_instance or msg_id is None):
@@ -720,27 +727,9 @@ _STORE_RSP_ELEMENTS = {0x0000: "UL", 0x0002: "UI", 0x0100: "US", 0x0120: "US", 0
 def _store_response(raw, msg_id: int) -> Dataset | None:
     """The status of a C-STORE-RSP command set answering ``msg_id``, as ``send_c_store`` returns it; None
     when it is anything else (pynetdicom then decodes it)."""
-    values: dict[int, object] = {}
-    pos, end = 0, len(raw)
-    while pos < end:
-        if end - pos < 8:
-            return None
-        group, element, length = struct.unpack_from("<HHL", raw, pos)
-        pos += 8
-        vr = _STORE_RSP_ELEMENTS.get(element)
-        if group != 0 or vr is None or pos + length > end or element in values:
-            return None
-        value = raw[pos:pos + length]
-        pos += length
-        if vr == "US" or vr == "UL":
-            if length != (2 if vr == "US" else 4):
-                return None
-            values[element] = int.from_bytes(value, "little")
-        else:
-            try:
-                values[element] = bytes(value).decode("ascii").rstrip("\0 ")
-            except UnicodeDecodeError:
-                return None
+    values = _command_values(raw, _STORE_RSP_ELEMENTS)
+    if values is None:
+        return None
     if (values.get(0x0100) != 0x8001 or values.get(0x0120) != msg_id or values.get(0x0800) != 0x0101
             or 0x0900 not in values):
         return None
@@ -857,13 +846,7 @@ def _answer_store(dul, incoming: _Incoming) -> None:
         if dul.state_machine.current_state != "Sta6":
             return
         try:
-            while parts:
-                n = raw.sendmsg(parts)
-                while parts and n >= len(parts[0]):
-                    n -= len(parts[0])
-                    parts.pop(0)
-                if parts:
-                    parts[0] = memoryview(parts[0])[n:]
+            _send_all(raw, parts)
         except Exception:  # as AssociationSocket.send: the connection is gone
             dul.socket.event_queue.put("Evt17")
 

@@ -568,6 +568,8 @@ def test_acceptor_serves_c_store_directly_with_the_responses_pynetdicom_sends(tm
 def test_a_fragment_out_of_order_in_a_direct_c_store_aborts_only_that_association(tmp_path):
     import struct
 
+    from pydicom.uid import ExplicitVRLittleEndian
+
     pynetdicom_tuning.apply()
     handler = _RawStore()
     scp = AE(ae_title="SCP")
@@ -584,13 +586,18 @@ def test_a_fragment_out_of_order_in_a_direct_c_store_aborts_only_that_associatio
             other = cx + 2 if bad[0] == 0 else cx
             pdus = b"".join(struct.pack(">BBLLB", 4, 0, 5 + len(v), 1 + len(v), c) + v
                             for c, v in ((cx, command), (cx, b"\x00first data fragment"), (other, bad)))
+            # the direct path takes requests once the acceptor counts the association as established
+            # (pynetdicom's own path, which serves requests that come earlier, waits on a bad fragment)
+            deadline = time.monotonic() + 10
+            while not all(a.is_established for a in server.active_associations) and time.monotonic() < deadline:
+                time.sleep(0.01)
             assoc.dul.socket.socket.sendall(pdus)
             deadline = time.monotonic() + 10
             while not assoc.is_aborted and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert assoc.is_aborted
         ae = AE(ae_title="SCU")  # the SCP serves the next association as before
-        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)  # the file's, sent as stored
         assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
         f = make_ct_series(tmp_path / "ct", n_slices=1, rows=32, cols=32)[0]
         assert assoc.send_c_store(f).Status == 0
