@@ -318,39 +318,53 @@ def _command_vr(element: int) -> str | None:
     return vr if vr in _DECODED_VRS else None
 
 
-def _decode_command(raw: bytes) -> Dataset | None:
-    """A command set's Dataset from its Implicit VR Little Endian bytes, or None if unusual."""
-    ds = Dataset()
+class _Unusual(Exception):
+    """A command set the direct decoders leave to pydicom."""
+
+
+def _command_elements(raw):
+    """(element, value) of each element of an Implicit VR Little Endian command set (group 0000)."""
     pos, end = 0, len(raw)
     while pos < end:
         if end - pos < 8:
-            return None
+            raise _Unusual
         group, element, length = struct.unpack_from("<HHL", raw, pos)
         pos += 8
-        vr = _command_vr(element)
-        if group != 0 or vr is None or pos + length > end:
-            return None
-        value = raw[pos:pos + length]
+        if group != 0 or pos + length > end:
+            raise _Unusual
+        yield element, raw[pos:pos + length]
         pos += length
-        if vr == "US":
-            if length != 2:
+
+
+def _command_value(vr: str, value) -> int | str:
+    """A single value of VR US, UL, UI, AE or LO, converted as pydicom does."""
+    if vr == "US" or vr == "UL":
+        if len(value) != (2 if vr == "US" else 4):
+            raise _Unusual
+        return int.from_bytes(value, "little")
+    try:
+        text = bytes(value).decode("ascii")
+    except UnicodeDecodeError:
+        raise _Unusual from None
+    if "\\" in text:
+        raise _Unusual  # several values
+    # as pydicom converts them: AE stripped on both sides, UI and LO of trailing padding
+    return text.strip() if vr == "AE" else text.rstrip("\0 ")
+
+
+def _decode_command(raw: bytes) -> Dataset | None:
+    """A command set's Dataset from its Implicit VR Little Endian bytes, or None if unusual."""
+    ds = Dataset()
+    try:
+        for element, value in _command_elements(raw):
+            vr = _command_vr(element)
+            if vr is None:
                 return None
-            parsed = struct.unpack("<H", value)[0]
-        elif vr == "UL":
-            if length != 4:
-                return None
-            parsed = struct.unpack("<L", value)[0]
-        else:
-            try:
-                text = value.decode("ascii")
-            except UnicodeDecodeError:
-                return None
-            if "\\" in text:
-                return None
-            # as pydicom converts them: AE stripped on both sides, UI and LO of trailing padding
-            text = text.strip() if vr == "AE" else text.rstrip("\0 ")
-            parsed = UID(text) if vr == "UI" else text
-        ds.add(DataElement(element, vr, parsed, validation_mode=pydicom_config.IGNORE))
+            parsed = _command_value(vr, value)
+            ds.add(DataElement(element, vr, UID(parsed) if vr == "UI" else parsed,
+                               validation_mode=pydicom_config.IGNORE))
+    except _Unusual:
+        return None
     ds.set_original_encoding(True, True, "iso8859")
     return ds
 
@@ -685,26 +699,14 @@ def _command_values(raw, allowed: dict[int, str]) -> dict[int, object] | None:
     """The values of a command set's elements, by element number, when all are in ``allowed``
     (element -> VR) and single-valued; None otherwise."""
     values: dict[int, object] = {}
-    pos, end = 0, len(raw)
-    while pos < end:
-        if end - pos < 8:
-            return None
-        group, element, length = struct.unpack_from("<HHL", raw, pos)
-        pos += 8
-        vr = allowed.get(element)
-        if group != 0 or vr is None or pos + length > end or element in values:
-            return None
-        value = raw[pos:pos + length]
-        pos += length
-        if vr == "US" or vr == "UL":
-            if length != (2 if vr == "US" else 4):
+    try:
+        for element, value in _command_elements(raw):
+            vr = allowed.get(element)
+            if vr is None or element in values:
                 return None
-            values[element] = int.from_bytes(value, "little")
-        else:
-            try:
-                values[element] = bytes(value).decode("ascii").rstrip("\0 ")
-            except UnicodeDecodeError:
-                return None
+            values[element] = _command_value(vr, value)
+    except _Unusual:
+        return None
     return values
 
 
