@@ -527,6 +527,9 @@ def _wrap_send_pdu(original):
 
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call
 _IOV_CHUNK = 512
+# the VRs whose Explicit VR Little Endian elements carry a 4-byte length after 2 reserved bytes
+EXPLICIT_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+                               b"UT", b"UV"})
 
 
 def _send_all(sock: socket.socket, parts: list) -> None:
@@ -561,7 +564,7 @@ def _file_meta(data) -> tuple[dict[int, str], int] | None:
         vr = bytes(data[pos + 4:pos + 6])
         if group != 2:
             return None
-        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+        if vr in EXPLICIT_LONG_VRS:
             if pos + 12 > end:
                 return None
             length, start = struct.unpack_from("<L", data, pos + 8)[0], pos + 12
@@ -814,10 +817,19 @@ def _take_store(dul, items: list) -> bool:
         dul._ctvlp_incoming = _Incoming(context, sop_class, sop_instance, msg_id, store_raw)
         return True
     for i, (context_id, value) in enumerate(items):
-        if context_id != incoming.context.context_id or len(value) < 1 or value[0] & 0x01 or (
-                value[0] & 0x02 and i != len(items) - 1):
+        if context_id != incoming.context.context_id:
+            problem = f"a fragment on context {context_id} inside a C-STORE on context {incoming.context.context_id}"
+        elif len(value) < 1 or value[0] & 0x01:
+            problem = "a command fragment where the C-STORE's data should go on"
+        elif value[0] & 0x02 and i != len(items) - 1:
+            problem = "more data after the C-STORE's last fragment in the same PDU"
+        else:
+            problem = None
+        if problem:
             dul._ctvlp_incoming = None
-            log.error("C-STORE data fragment out of order on context %d; aborting the association", context_id)
+            log.error("C-STORE from AE %r at %s: %s; the association is aborted. The sending system breaks the "
+                      "DICOM message format (PS3.8 Annex E); its vendor should see this",
+                      assoc.requestor.ae_title.strip(), assoc.requestor.address, problem)
             assoc.abort(block=False)  # on the DUL thread: a blocking abort would wait for this thread
             return True
         incoming.fragments.append(value[1:])

@@ -181,7 +181,6 @@ HEADER_TAGS = {
     0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID", 0x00280002: "SamplesPerPixel",
     0x00280008: "NumberOfFrames", 0x00280010: "Rows", 0x00280011: "Columns", 0x00280100: "BitsAllocated",
 }
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 
@@ -223,7 +222,7 @@ def _scan(buf, pos: int, implicit: bool, depth: int, found: dict | None) -> int:
             length, start, vr = struct.unpack_from("<I", buf, pos + 4)[0], pos + 8, None
         else:
             vr = bytes(buf[pos + 4:pos + 6])
-            if vr in _LONG_VRS:
+            if vr in pynetdicom_tuning.EXPLICIT_LONG_VRS:
                 if pos + 12 > total:
                     raise _Unusual
                 length, start = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
@@ -317,7 +316,7 @@ def read_header(stream: BytesIO, ts: UID) -> tuple[dict, str | None]:
 
 
 def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
-    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+    if vr in pynetdicom_tuning.EXPLICIT_LONG_VRS:
         return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
     return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
 

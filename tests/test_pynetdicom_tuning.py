@@ -9,6 +9,7 @@ import time
 
 import pynetdicom
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -113,7 +114,6 @@ def test_requestor_reactor_never_takes_a_message_while_paused(monkeypatch):
 
 
 def test_command_sets_encode_exactly_as_pydicom_does():
-    from pydicom.dataset import Dataset
     from pynetdicom import dimse_messages, dsutils
     from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
@@ -152,7 +152,6 @@ def test_command_sets_encode_exactly_as_pydicom_does():
 
 
 def test_command_sets_decode_exactly_as_pydicom_does():
-    from pydicom.dataset import Dataset
     from pynetdicom import dimse_messages, dsutils
     from pynetdicom.dimse_primitives import C_FIND, C_MOVE, C_STORE
 
@@ -508,7 +507,7 @@ class _RawStore:
     def __call__(self, event):
         self.event_calls.append(event.request.DataSet.getvalue())
         code, comment = self.answer
-        ds = pynetdicom_tuning.Dataset()
+        ds = Dataset()
         ds.Status = code
         if comment:
             ds.ErrorComment = comment
@@ -632,7 +631,7 @@ def test_store_file_reads_its_response_directly_and_returns_what_send_c_store_re
         finally:
             server.shutdown()
         assert ours == theirs and ours.Status == answer[0] and ours.get("ErrorComment") == answer[1]
-    assert len(direct) == 3 and all(isinstance(d, pynetdicom_tuning.Dataset) for d in direct)
+    assert len(direct) == 3 and all(isinstance(d, Dataset) for d in direct)
     # anything but the awaited message's plain response is left to pynetdicom
     rsp = pynetdicom_tuning.c_store_rsp_command(CTImageStorage, "1.2.3", 5, 0)
     assert parse(rsp, 5) is not None and parse(rsp, 6) is None
